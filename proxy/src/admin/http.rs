@@ -1,0 +1,155 @@
+//! The admin HTTP API (hyper): `/metrics`, `/healthz`, `/readyz`, `/v1/producers`, `/v1/config`.
+
+use crate::runtime::Runtime;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Reply {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn json_reply(status: StatusCode, v: serde_json::Value) -> Reply {
+    reply(status, "application/json", v.to_string())
+}
+
+/// Serve the admin API until shutdown.
+pub async fn serve(rt: Arc<Runtime>, sock: TcpListener) {
+    info!(listen = %sock.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin API listening");
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = rt.shutdown.cancelled() => return,
+            r = sock.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let rt = rt.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(&rt, req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                debug!(error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+async fn route(rt: &Runtime, req: Request<Incoming>) -> Reply {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            rt.metrics.render(),
+        ),
+        (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") => readyz(rt),
+        (&Method::GET, "/v1/producers") => producers(rt),
+        (&Method::GET, "/v1/config") => config(rt),
+        (_, "/metrics" | "/healthz" | "/readyz" | "/v1/producers" | "/v1/config") => json_reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": "method not allowed"}),
+        ),
+        _ => json_reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+    }
+}
+
+fn readyz(rt: &Runtime) -> Reply {
+    let active = rt.active();
+    let mut all = !rt.shutdown.is_cancelled();
+    let mut detail = serde_json::Map::new();
+    for l in &active.config.listeners {
+        let ok = rt.upstream_ready.get(&l.name).map(|v| *v).unwrap_or(false);
+        all &= ok;
+        detail.insert(
+            l.name.to_string(),
+            json!({"upstream": l.upstream.addr, "reachable": ok}),
+        );
+    }
+    let status = if all {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_reply(
+        status,
+        json!({"ready": all, "shutting_down": rt.shutdown.is_cancelled(), "listeners": detail}),
+    )
+}
+
+fn producers(rt: &Runtime) -> Reply {
+    let mut list = rt.metrics.producers();
+    list.sort_by(|a, b| b.rate().total_cmp(&a.rate()).then(b.total().cmp(&a.total())));
+    let items: Vec<_> = list
+        .iter()
+        .map(|p| {
+            let verdicts: serde_json::Map<String, serde_json::Value> = crate::policy::VerdictKind::ALL
+                .iter()
+                .map(|k| (k.as_str().to_string(), json!(p.count(*k))))
+                .collect();
+            json!({
+                "listener": &*p.listener,
+                "producer": &*p.producer,
+                "rate": (p.rate() * 10.0).round() / 10.0,
+                "total": p.total(),
+                "verdicts": verdicts,
+                "connections": p.connections.load(Relaxed),
+                "held_connections": p.held.load(Relaxed),
+            })
+        })
+        .collect();
+    json_reply(StatusCode::OK, json!({"producers": items}))
+}
+
+fn config(rt: &Runtime) -> Reply {
+    let a = rt.active();
+    let loaded = a
+        .loaded_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    json_reply(
+        StatusCode::OK,
+        json!({
+            "version": a.version,
+            "hash": a.config.hash,
+            "path": a.config.path.display().to_string(),
+            "loaded_at_unix": loaded,
+            "last_error": rt.last_error.lock().clone(),
+            "dry_run": a.config.dry_run,
+            "listeners": a.config.listeners.iter().map(|l| json!({
+                "name": &*l.name, "protocol": l.protocol.as_str(), "listen": l.listen.to_string(), "upstream": l.upstream.addr,
+            })).collect::<Vec<_>>(),
+            "quotas": a.config.quotas.iter().map(|q| json!({
+                "name": &*q.name,
+                "messages": q.messages.map(|(r, b)| json!({"rate": r.to_string(), "burst": b})),
+                "bytes": q.bytes.map(|(r, b)| json!({"rate": r.to_string(), "burst": b})),
+                "dry_run": q.dry_run,
+            })).collect::<Vec<_>>(),
+            "source": &*a.config.source,
+        }),
+    )
+}

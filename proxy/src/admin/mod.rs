@@ -1,0 +1,6 @@
+//! The operations surface: Prometheus metrics and the admin HTTP API.
+
+pub mod http;
+pub mod metrics;
+
+pub use metrics::{ListenerStats, Metrics, ProducerStats};

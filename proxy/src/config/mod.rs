@@ -1,0 +1,9 @@
+//! Configuration: the file as written ([`model`]), its units ([`units`]), and the validated,
+//! immutable [`Config`] the running proxy uses ([`validate`]).
+
+pub mod model;
+pub mod units;
+pub mod targets;
+pub mod validate;
+
+pub use validate::{load, parse, Config, Problem, Report};

@@ -1,0 +1,104 @@
+//! Starting and stopping a whole sluice: listeners, admin API, background tasks.
+
+use crate::config::Config;
+use crate::runtime::Runtime;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+/// A running sluice.
+pub struct Server {
+    rt: Arc<Runtime>,
+    listeners: Vec<(Arc<str>, SocketAddr)>,
+    admin: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Bind everything and start serving. Fails if an address cannot be bound.
+    pub async fn start(config: Config) -> Result<Server, String> {
+        let admin_addr = config.admin.listen;
+        let rt = Runtime::new(config);
+        let bound = crate::listener::bind_all(&rt).await?;
+        let admin_sock = tokio::net::TcpListener::bind(admin_addr)
+            .await
+            .map_err(|e| format!("admin: cannot bind {admin_addr}: {e}"))?;
+        let admin = admin_sock.local_addr().map_err(|e| e.to_string())?;
+        let mut listeners = Vec::new();
+        let mut tasks = Vec::new();
+        for (l, sock) in bound {
+            listeners.push((l.name.clone(), sock.local_addr().map_err(|e| e.to_string())?));
+            tasks.push(tokio::spawn(crate::listener::accept_loop(rt.clone(), l, sock)));
+        }
+        tasks.push(tokio::spawn(crate::admin::http::serve(rt.clone(), admin_sock)));
+        tasks.push(tokio::spawn(crate::listener::probe_loop(rt.clone(), Duration::from_secs(2))));
+        tasks.push(tokio::spawn(housekeeping(rt.clone())));
+        Ok(Server {
+            rt,
+            listeners,
+            admin,
+            tasks,
+        })
+    }
+
+    /// The address a listener is bound to (useful with port 0).
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(n, _)| &**n == name).map(|(_, a)| *a)
+    }
+
+    /// The admin API address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// The shared runtime (config, metrics).
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.rt
+    }
+
+    /// Stop accepting, let connections finish their close handshakes (up to `grace`), stop.
+    pub async fn shutdown(self, grace: Duration) {
+        info!("shutting down");
+        self.rt.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.rt.connections.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+        info!(
+            remaining = self.rt.connections.load(Relaxed),
+            "stopped"
+        );
+    }
+}
+
+/// Once a second: producer rates. Every 30 s: forget idle quota keys.
+async fn housekeeping(rt: Arc<Runtime>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = rt.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        rt.metrics.sample(1.0);
+        n += 1;
+        if n % 30 == 0 {
+            let a = rt.active();
+            for q in a.chain.quotas() {
+                q.limiter.retain_recent();
+                if let Some(d) = &q.divert_limiter {
+                    d.retain_recent();
+                }
+            }
+            if let Some(t) = &a.tarpit {
+                t.retain_recent();
+            }
+        }
+    }
+}

@@ -1,0 +1,704 @@
+//! Client → upstream: frames are split and forwarded as they are, except publishes, which are
+//! assembled whole per channel (method, header, bodies), decided by the policy chain, and then
+//! forwarded, diverted (method re-encoded), held (reads paced) or shed (signalled to the client).
+
+use super::channel::{ChannelState, ConfirmMap, SluiceClose};
+use super::io::OutQueue;
+use super::{SessionError, Shared, ToClient};
+use crate::admin::{ListenerStats, ProducerStats};
+use crate::config::validate::{ListenerConfig, ShedMandatory, ShedUnconfirmed};
+use crate::identity::{ConnFacts, ConnIdentity, MessageIdentity};
+use crate::policy::{EvalState, PublishView, Step, Verdict, VerdictKind};
+use crate::protocol::amqp::frame::{self, Frame, FrameKind};
+use crate::protocol::amqp::header::{ContentHeader, Property};
+use crate::protocol::amqp::method::{self, MethodId, Publish, Tune};
+use crate::protocol::amqp::{code, reply};
+use crate::runtime::{Active, Runtime};
+use bytes::BytesMut;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// A connection whose reads were held stops being shown as blocked after this long without a hold.
+const UNBLOCK_IDLE: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Handshake,
+    Open,
+}
+
+enum Exit {
+    ClientEof,
+    Shutdown,
+    UpstreamDone,
+}
+
+/// A publish being assembled on one channel.
+struct Pending {
+    frames: Vec<Frame>,
+    body_size: u64,
+    received: u64,
+    header_seen: bool,
+    bytes: u64,
+}
+
+#[derive(Default, Clone, Copy)]
+struct LocalChannel {
+    confirm: bool,
+    tx: bool,
+}
+
+pub(super) struct Inbound {
+    rt: Arc<Runtime>,
+    listener: Arc<ListenerConfig>,
+    stats: Arc<ListenerStats>,
+    shared: Arc<Mutex<Shared>>,
+    client: OwnedReadHalf,
+    buf: BytesMut,
+    upstream: OwnedWriteHalf,
+    out: OutQueue,
+    last_upstream_write: Instant,
+    to_client: UnboundedSender<ToClient>,
+    facts: ConnFacts,
+    handshake_deadline: Instant,
+    shutdown: CancellationToken,
+    conn_done: CancellationToken,
+    phase: Phase,
+    frame_max: u32,
+    heartbeat: Duration,
+    identity: Option<ConnIdentity>,
+    producer: Option<Arc<ProducerStats>>,
+    assembling: HashMap<u16, Pending>,
+    channels: HashMap<u16, LocalChannel>,
+    buffered: u64,
+    hold_started: Option<Instant>,
+    holding: bool,
+    blocked_sent: bool,
+}
+
+struct AmqpIdentity<'a>(&'a ContentHeader<'a>);
+
+impl MessageIdentity for AmqpIdentity<'_> {
+    fn app_id(&self) -> Option<String> {
+        self.0.get_str(Property::AppId).ok().flatten().map(|c| c.into_owned())
+    }
+    fn user_id(&self) -> Option<String> {
+        self.0.get_str(Property::UserId).ok().flatten().map(|c| c.into_owned())
+    }
+    fn header(&self, name: &str) -> Option<String> {
+        self.0
+            .header(name)
+            .ok()
+            .flatten()
+            .and_then(|v| v.as_text())
+            .map(|c| c.into_owned())
+    }
+}
+
+fn code_name(code: u16) -> &'static str {
+    match code {
+        code::FRAME_ERROR => "FRAME_ERROR",
+        code::SYNTAX_ERROR => "SYNTAX_ERROR",
+        code::COMMAND_INVALID => "COMMAND_INVALID",
+        code::CHANNEL_ERROR => "CHANNEL_ERROR",
+        code::UNEXPECTED_FRAME => "UNEXPECTED_FRAME",
+        code::RESOURCE_ERROR => "RESOURCE_ERROR",
+        code::NOT_ALLOWED => "NOT_ALLOWED",
+        code::CONNECTION_FORCED => "CONNECTION_FORCED",
+        _ => "INTERNAL_ERROR",
+    }
+}
+
+impl Inbound {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        rt: Arc<Runtime>,
+        listener: Arc<ListenerConfig>,
+        stats: Arc<ListenerStats>,
+        shared: Arc<Mutex<Shared>>,
+        client: OwnedReadHalf,
+        buf: BytesMut,
+        upstream: OwnedWriteHalf,
+        to_client: UnboundedSender<ToClient>,
+        facts: ConnFacts,
+        _peer: SocketAddr,
+        handshake_deadline: std::time::Instant,
+        shutdown: CancellationToken,
+        conn_done: CancellationToken,
+    ) -> Self {
+        Inbound {
+            rt,
+            listener,
+            stats,
+            shared,
+            client,
+            buf,
+            upstream,
+            out: OutQueue::default(),
+            last_upstream_write: Instant::now(),
+            to_client,
+            facts,
+            handshake_deadline: handshake_deadline.into(),
+            shutdown,
+            conn_done,
+            phase: Phase::Handshake,
+            frame_max: super::connection::HANDSHAKE_FRAME_MAX,
+            heartbeat: Duration::ZERO,
+            identity: None,
+            producer: None,
+            assembling: HashMap::new(),
+            channels: HashMap::new(),
+            buffered: 0,
+            hold_started: None,
+            holding: false,
+            blocked_sent: false,
+        }
+    }
+
+    pub(super) async fn run(mut self) -> Result<(), SessionError> {
+        let exit = self.pump().await;
+        let result = match exit {
+            Ok(Exit::ClientEof) => {
+                let _ = self.flush().await;
+                let _ = self.upstream.shutdown().await;
+                Ok(())
+            }
+            Ok(Exit::UpstreamDone) => Ok(()),
+            Ok(Exit::Shutdown) => {
+                self.drain_for_shutdown().await;
+                Ok(())
+            }
+            Err(SessionError::Io(e)) => Err(SessionError::Io(e)),
+            Err(e) => {
+                self.stats.protocol_errors.fetch_add(1, Relaxed);
+                let code = e.reply_code();
+                let text = format!("{} - sluice: {e}", code_name(code));
+                warn!(code, error = %e, "closing client connection");
+                let _ = self.to_client.send(ToClient::Close(code, text));
+                self.close_upstream("client protocol error").await;
+                Err(e)
+            }
+        };
+        self.release();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.conn_done.cancelled()).await;
+        result
+    }
+
+    fn release(&mut self) {
+        if let Some(p) = self.producer.take() {
+            p.connections.fetch_sub(1, Relaxed);
+            if self.holding {
+                p.held.fetch_sub(1, Relaxed);
+            }
+        }
+    }
+
+    async fn close_upstream(&mut self, why: &str) {
+        self.shared.lock().upstream_close_by_sluice = true;
+        let _ = self.flush().await;
+        let close = reply::connection_close(code::REPLY_SUCCESS, &format!("sluice: {why}"), MethodId(0, 0));
+        let _ = self.upstream.write_all(&close.raw).await;
+    }
+
+    /// Graceful shutdown: whole publishes already read go to the broker, their confirms come
+    /// back, then both legs get a proper close.
+    async fn drain_for_shutdown(&mut self) {
+        if self.phase == Phase::Open {
+            let _ = self.process_buffered().await;
+        }
+        let _ = self.flush().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.shared.lock().unconfirmed() > 0 && Instant::now() < deadline {
+            if self.conn_done.is_cancelled() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = self.to_client.send(ToClient::Close(
+            code::CONNECTION_FORCED,
+            "CONNECTION_FORCED - sluice is shutting down".into(),
+        ));
+        self.close_upstream("shutting down").await;
+    }
+
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        if !self.out.is_empty() {
+            self.out.flush(&mut self.upstream).await?;
+            self.last_upstream_write = Instant::now();
+        }
+        Ok(())
+    }
+
+    async fn pump(&mut self) -> Result<Exit, SessionError> {
+        loop {
+            self.process_buffered().await?;
+            self.flush().await?;
+            if self.buf.capacity() - self.buf.len() < 8 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            let handshake = self.phase == Phase::Handshake;
+            tokio::select! {
+                biased;
+                _ = self.conn_done.cancelled() => return Ok(Exit::UpstreamDone),
+                _ = self.shutdown.cancelled() => return Ok(Exit::Shutdown),
+                _ = tokio::time::sleep_until(self.handshake_deadline), if handshake => {
+                    return Err(SessionError::HandshakeTimeout)
+                }
+                _ = tokio::time::sleep(UNBLOCK_IDLE), if self.holding => self.end_hold(),
+                r = self.client.read_buf(&mut self.buf) => {
+                    if r? == 0 {
+                        return Ok(Exit::ClientEof);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn process_buffered(&mut self) -> Result<(), SessionError> {
+        while let Some(f) = frame::split(&mut self.buf, self.frame_max)? {
+            match f.kind {
+                FrameKind::Heartbeat => self.out.push(&f.raw),
+                FrameKind::Method => self.on_method(f).await?,
+                FrameKind::Header => self.on_header(f).await?,
+                FrameKind::Body => self.on_body(f).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_method(&mut self, f: Frame) -> Result<(), SessionError> {
+        let ch = f.channel;
+        let (id, args) = method::split_id(f.payload())?;
+        if ch == 0 {
+            return self.on_connection_method(id, args, &f);
+        }
+        if self.phase != Phase::Open {
+            return Err(SessionError::CommandInvalid(format!(
+                "{id} on channel {ch} before connection.open"
+            )));
+        }
+        if self.assembling.contains_key(&ch) {
+            return Err(SessionError::Unexpected(format!(
+                "{id} on channel {ch} in the middle of a publish's content"
+            )));
+        }
+        let closing = self.shared.lock().channels.get(&ch).and_then(|c| c.closing);
+        if let Some(cl) = closing {
+            if id == MethodId::CHANNEL_OPEN && cl.client_ok {
+                self.await_upstream_close(ch).await;
+            } else {
+                self.on_sluice_closing(ch, id);
+                return Ok(());
+            }
+        }
+        match id {
+            MethodId::BASIC_PUBLISH => {
+                Publish::decode(args)?;
+                let bytes = f.raw.len() as u64;
+                self.account(bytes)?;
+                self.assembling.insert(
+                    ch,
+                    Pending {
+                        frames: vec![f],
+                        body_size: 0,
+                        received: 0,
+                        header_seen: false,
+                        bytes,
+                    },
+                );
+                return Ok(());
+            }
+            MethodId::CONFIRM_SELECT => {
+                self.channels.entry(ch).or_default().confirm = true;
+                let mut s = self.shared.lock();
+                let st = s.channels.entry(ch).or_default();
+                if st.confirms.is_none() {
+                    st.confirms = Some(ConfirmMap::new());
+                }
+            }
+            MethodId::TX_SELECT => self.channels.entry(ch).or_default().tx = true,
+            MethodId::CHANNEL_OPEN => {
+                let max = self.rt.active().config.limits.max_channels;
+                if self.channels.len() >= max as usize && !self.channels.contains_key(&ch) {
+                    return Err(SessionError::Resource(format!(
+                        "channel limit of {max} per connection reached"
+                    )));
+                }
+                self.channels.insert(ch, LocalChannel::default());
+                self.shared.lock().channels.insert(ch, ChannelState::default());
+            }
+            MethodId::CHANNEL_CLOSE_OK | MethodId::CHANNEL_CLOSE => {
+                self.channels.remove(&ch);
+            }
+            _ => {}
+        }
+        self.out.push(&f.raw);
+        Ok(())
+    }
+
+    /// A client frame on a channel sluice is closing: only the close handshake matters.
+    fn on_sluice_closing(&mut self, ch: u16, id: MethodId) {
+        let crossing = id == MethodId::CHANNEL_CLOSE;
+        if id == MethodId::CHANNEL_CLOSE_OK || crossing {
+            if crossing {
+                let _ = self
+                    .to_client
+                    .send(ToClient::Frames(ch, vec![reply::channel_close_ok(ch)]));
+            }
+            self.channels.remove(&ch);
+            let mut s = self.shared.lock();
+            let done = match s.channels.get_mut(&ch).and_then(|c| c.closing.as_mut()) {
+                Some(cl) => {
+                    cl.client_ok = true;
+                    cl.upstream_ok
+                }
+                None => false,
+            };
+            if done {
+                s.channels.remove(&ch);
+            }
+        }
+    }
+
+    /// The client reopens a channel sluice closed: wait until the broker confirmed the close.
+    async fn await_upstream_close(&mut self, ch: u16) {
+        let _ = self.flush().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let open = {
+                let s = self.shared.lock();
+                s.channels.get(&ch).and_then(|c| c.closing).is_some_and(|c| !c.upstream_ok)
+            };
+            if !open || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        self.shared.lock().channels.remove(&ch);
+    }
+
+    fn on_connection_method(&mut self, id: MethodId, args: &[u8], f: &Frame) -> Result<(), SessionError> {
+        match id {
+            MethodId::CONNECTION_TUNE_OK => {
+                let t = Tune::decode(args)?;
+                let limits = &self.rt.active().config.limits;
+                self.frame_max = if t.frame_max == 0 {
+                    limits.max_frame_size
+                } else {
+                    t.frame_max.max(frame::FRAME_MIN_SIZE)
+                };
+                self.heartbeat = Duration::from_secs(t.heartbeat as u64);
+            }
+            MethodId::CONNECTION_OPEN => {
+                let vhost = method::decode_open_vhost(args)?;
+                self.facts.vhost = Some(vhost.to_string());
+                let active = self.rt.active();
+                let identity = active.config.identity.for_connection(&self.facts);
+                tracing::Span::current().record("producer", &*identity.name);
+                let stats = self.rt.metrics.producer(&self.listener.name, &identity.name);
+                stats.connections.fetch_add(1, Relaxed);
+                info!(producer = %identity.name, vhost, "client connected");
+                self.producer = Some(stats);
+                self.identity = Some(identity);
+                self.phase = Phase::Open;
+            }
+            _ => {}
+        }
+        self.out.push(&f.raw);
+        Ok(())
+    }
+
+    fn account(&mut self, bytes: u64) -> Result<(), SessionError> {
+        self.buffered += bytes;
+        let max = self.rt.active().config.limits.max_buffered_per_connection;
+        if self.buffered > max {
+            return Err(SessionError::Resource(format!(
+                "more than {max} bytes of unfinished publishes buffered on this connection"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn on_header(&mut self, f: Frame) -> Result<(), SessionError> {
+        let ch = f.channel;
+        let max = self.rt.active().config.limits.max_message_size;
+        let Some(p) = self.assembling.get_mut(&ch) else {
+            return Err(SessionError::Unexpected(format!(
+                "content header on channel {ch} without a basic.publish before it"
+            )));
+        };
+        if p.header_seen {
+            return Err(SessionError::Unexpected(format!(
+                "second content header on channel {ch} for one publish"
+            )));
+        }
+        let (class, body_size) = {
+            let h = ContentHeader::parse(f.payload())?;
+            (h.class, h.body_size)
+        };
+        if class != 60 {
+            return Err(SessionError::Unexpected(format!(
+                "content header of class {class} on channel {ch}; basic (60) expected"
+            )));
+        }
+        if body_size > max {
+            return Err(SessionError::Resource(format!(
+                "message of {body_size} bytes on channel {ch} exceeds max_message_size {max}"
+            )));
+        }
+        p.body_size = body_size;
+        p.header_seen = true;
+        let len = f.raw.len() as u64;
+        p.bytes += len;
+        p.frames.push(f);
+        self.account(len)?;
+        if body_size == 0 {
+            self.complete(ch).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_body(&mut self, f: Frame) -> Result<(), SessionError> {
+        let ch = f.channel;
+        let Some(p) = self.assembling.get_mut(&ch).filter(|p| p.header_seen) else {
+            return Err(SessionError::Unexpected(format!(
+                "body frame on channel {ch} without a content header before it"
+            )));
+        };
+        let n = f.payload().len() as u64;
+        p.received += n;
+        if p.received > p.body_size {
+            return Err(SessionError::Unexpected(format!(
+                "body on channel {ch} is longer than the {} bytes its header declared",
+                p.body_size
+            )));
+        }
+        let len = f.raw.len() as u64;
+        p.bytes += len;
+        let done = p.received == p.body_size;
+        p.frames.push(f);
+        self.account(len)?;
+        if done {
+            self.complete(ch).await?;
+        }
+        Ok(())
+    }
+
+    /// A whole publish is buffered on `ch`: decide and act.
+    async fn complete(&mut self, ch: u16) -> Result<(), SessionError> {
+        let Some(p) = self.assembling.remove(&ch) else {
+            return Ok(());
+        };
+        self.buffered = self.buffered.saturating_sub(p.bytes);
+        let active = self.rt.active();
+        let (Some(identity), Some(conn_stats)) = (self.identity.clone(), self.producer.clone()) else {
+            return Err(SessionError::CommandInvalid("publish before connection.open".into()));
+        };
+        if active.chain.is_empty() && identity.message_sources.is_empty() {
+            self.forward(ch, &p.frames, None);
+            conn_stats.record(VerdictKind::Forward, p.body_size);
+            return Ok(());
+        }
+        let (Some(method_frame), Some(header_frame)) = (p.frames.first(), p.frames.get(1)) else {
+            return Ok(());
+        };
+        let (_, args) = method::split_id(method_frame.payload())?;
+        let publish = Publish::decode(args)?;
+        let header = ContentHeader::parse(header_frame.payload())?;
+        let producer = identity.for_message(&AmqpIdentity(&header));
+        let stats = if Arc::ptr_eq(&producer, &identity.name) || *producer == *identity.name {
+            conn_stats
+        } else {
+            self.rt.metrics.producer(&self.listener.name, &producer)
+        };
+        let vhost = self.facts.vhost.clone().unwrap_or_default();
+        let view = PublishView {
+            producer: &producer,
+            vhost: &vhost,
+            exchange: publish.exchange,
+            routing_key: publish.routing_key,
+            size: p.body_size,
+        };
+        let mut st = EvalState::default();
+        let decision = loop {
+            match active.chain.evaluate(&view, &mut st) {
+                Step::Done(d) => break d,
+                Step::Wait(d) => {
+                    if self.hold(d, &active).await? {
+                        // Shutting down: whole publishes already read go through.
+                        break crate::policy::Decision {
+                            verdict: Verdict::Forward,
+                            kind: VerdictKind::Delay,
+                            by: None,
+                            would: vec![],
+                        };
+                    }
+                }
+            }
+        };
+        if st.held().is_zero() {
+            self.end_hold();
+        }
+        for (kind, _) in &decision.would {
+            stats.record(*kind, p.body_size);
+        }
+        stats.record(decision.kind, p.body_size);
+        match decision.verdict {
+            Verdict::Forward => self.forward(ch, &p.frames, None),
+            Verdict::Divert { exchange, routing_key } => {
+                let m = reply::publish(ch, &exchange, &routing_key, publish.mandatory, publish.immediate)?;
+                self.forward(ch, &p.frames, Some(m));
+            }
+            Verdict::Shed { reason } => {
+                let by = decision.by.as_deref().unwrap_or("policy");
+                debug!(producer = %producer, by, %reason, "publish shed");
+                self.shed(ch, &p.frames, &publish, &reason, &active);
+            }
+        }
+        Ok(())
+    }
+
+    fn forward(&mut self, ch: u16, frames: &[Frame], method: Option<Frame>) {
+        if self.channels.get(&ch).is_some_and(|c| c.confirm) {
+            let mut s = self.shared.lock();
+            if let Some(m) = s.channels.get_mut(&ch).and_then(|c| c.confirms.as_mut()) {
+                m.forwarded();
+            }
+        }
+        let mut it = frames.iter();
+        if let Some(m) = method {
+            it.next();
+            self.out.push(&m.raw);
+        }
+        for f in it {
+            self.out.push(&f.raw);
+        }
+    }
+
+    fn shed(&mut self, ch: u16, frames: &[Frame], publish: &Publish<'_>, reason: &str, active: &Active) {
+        let local = self.channels.get(&ch).copied().unwrap_or_default();
+        let settings = &active.config.amqp;
+        if local.tx {
+            self.close_channel(
+                ch,
+                &format!("PRECONDITION_FAILED - sluice: publish shed inside a transaction: {reason}"),
+            );
+            return;
+        }
+        let returned = publish.mandatory && settings.shed_mandatory == ShedMandatory::Return;
+        let mut inject = Vec::new();
+        if returned {
+            inject.push(reply::basic_return(
+                ch,
+                code::NO_ROUTE,
+                &format!("NO_ROUTE - sluice: {reason}"),
+                publish.exchange,
+                publish.routing_key,
+            ));
+            inject.extend(frames.iter().skip(1).cloned());
+        }
+        if local.confirm {
+            let tag = {
+                let mut s = self.shared.lock();
+                let st = s.channels.entry(ch).or_default();
+                st.confirms.get_or_insert_with(ConfirmMap::new).shed()
+            };
+            inject.push(if returned {
+                reply::ack(ch, tag, false)
+            } else {
+                reply::nack(ch, tag, false)
+            });
+        } else if !returned && settings.shed_unconfirmed == ShedUnconfirmed::CloseChannel {
+            self.close_channel(ch, &format!("PRECONDITION_FAILED - sluice: publish shed: {reason}"));
+            return;
+        }
+        if !inject.is_empty() {
+            let _ = self.to_client.send(ToClient::Frames(ch, inject));
+        }
+    }
+
+    /// Close a channel on both legs: 406 to the client, a normal close to the broker.
+    fn close_channel(&mut self, ch: u16, text: &str) {
+        {
+            let mut s = self.shared.lock();
+            let st = s.channels.entry(ch).or_default();
+            st.confirms = None;
+            st.closing = Some(SluiceClose::default());
+        }
+        let _ = self.to_client.send(ToClient::Frames(
+            ch,
+            vec![reply::channel_close(ch, code::PRECONDITION_FAILED, text, MethodId::BASIC_PUBLISH)],
+        ));
+        let up = reply::channel_close(
+            ch,
+            code::REPLY_SUCCESS,
+            "sluice: closing the channel after a shed publish",
+            MethodId(0, 0),
+        );
+        self.out.push(&up.raw);
+    }
+
+    /// Hold this connection's reads for `d`, keeping the upstream's heartbeat alive. Returns
+    /// `true` if interrupted by shutdown or the end of the connection.
+    async fn hold(&mut self, d: Duration, active: &Active) -> Result<bool, SessionError> {
+        self.flush().await?;
+        let now = Instant::now();
+        let started = *self.hold_started.get_or_insert(now);
+        if !self.holding {
+            self.holding = true;
+            if let Some(p) = &self.producer {
+                p.held.fetch_add(1, Relaxed);
+            }
+        }
+        let deadline = now + d;
+        if !self.blocked_sent
+            && deadline.duration_since(started) >= active.config.amqp.blocked_after
+            && self.shared.lock().client_blocked_capable
+        {
+            self.blocked_sent = true;
+            let _ = self.to_client.send(ToClient::SluiceBlocked(true));
+        }
+        loop {
+            let wake = if self.heartbeat.is_zero() {
+                deadline
+            } else {
+                (self.last_upstream_write + self.heartbeat / 2).min(deadline)
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = self.shutdown.cancelled() => return Ok(true),
+                _ = self.conn_done.cancelled() => return Ok(true),
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            self.upstream.write_all(&Frame::heartbeat().raw).await?;
+            self.last_upstream_write = Instant::now();
+        }
+    }
+
+    /// The connection is no longer held.
+    fn end_hold(&mut self) {
+        self.hold_started = None;
+        if self.holding {
+            self.holding = false;
+            if let Some(p) = &self.producer {
+                p.held.fetch_sub(1, Relaxed);
+            }
+        }
+        if self.blocked_sent {
+            self.blocked_sent = false;
+            let _ = self.to_client.send(ToClient::SluiceBlocked(false));
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! Upstream → client: forwards the broker's frames, translating confirm tags on channels where
+//! sluice shed publishes, and slots the frames sluice injects in between at content boundaries
+//! (a frame must never land inside a delivery's header/body sequence on the same channel).
+
+use super::io::OutQueue;
+use super::{Shared, ToClient};
+use crate::admin::ListenerStats;
+use crate::config::validate::ListenerConfig;
+use crate::protocol::amqp::frame::{self, Frame, FrameKind};
+use crate::protocol::amqp::header::ContentHeader;
+use crate::protocol::amqp::method::{self, Close, Confirm, MethodId};
+use crate::protocol::amqp::reply;
+use crate::runtime::Runtime;
+use bytes::BytesMut;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+enum Content {
+    AwaitHeader,
+    Body(u64),
+}
+
+pub(super) struct Outbound {
+    _rt: Arc<Runtime>,
+    _listener: Arc<ListenerConfig>,
+    stats: Arc<ListenerStats>,
+    shared: Arc<Mutex<Shared>>,
+    upstream: OwnedReadHalf,
+    buf: BytesMut,
+    client: OwnedWriteHalf,
+    rx: UnboundedReceiver<ToClient>,
+    rx_open: bool,
+    out: OutQueue,
+    frame_max: u32,
+    conn_done: CancellationToken,
+    content: HashMap<u16, Content>,
+    parked: HashMap<u16, Vec<Frame>>,
+    client_sees_blocked: bool,
+    upstream_blocked: bool,
+    client_closed: bool,
+    finished: bool,
+}
+
+impl Outbound {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        rt: Arc<Runtime>,
+        listener: Arc<ListenerConfig>,
+        stats: Arc<ListenerStats>,
+        shared: Arc<Mutex<Shared>>,
+        upstream: OwnedReadHalf,
+        buf: BytesMut,
+        client: OwnedWriteHalf,
+        rx: UnboundedReceiver<ToClient>,
+        frame_max: u32,
+        conn_done: CancellationToken,
+    ) -> Self {
+        Outbound {
+            _rt: rt,
+            _listener: listener,
+            stats,
+            shared,
+            upstream,
+            buf,
+            client,
+            rx,
+            rx_open: true,
+            out: OutQueue::default(),
+            frame_max,
+            conn_done,
+            content: HashMap::new(),
+            parked: HashMap::new(),
+            client_sees_blocked: false,
+            upstream_blocked: false,
+            client_closed: false,
+            finished: false,
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        if let Err(e) = self.pump().await {
+            debug!(error = %e, "upstream pump ended");
+        }
+        let _ = self.out.flush(&mut self.client).await;
+        if self.upstream_blocked {
+            self.stats.upstream_blocked.fetch_sub(1, Relaxed);
+        }
+        let _ = self.client.shutdown().await;
+        self.conn_done.cancel();
+    }
+
+    async fn pump(&mut self) -> Result<(), super::SessionError> {
+        loop {
+            if self.buf.capacity() - self.buf.len() < 8 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            tokio::select! {
+                biased;
+                cmd = self.rx.recv(), if self.rx_open => match cmd {
+                    Some(c) => {
+                        self.on_cmd(c);
+                        self.drain_cmds();
+                    }
+                    None => self.rx_open = false,
+                },
+                r = self.upstream.read_buf(&mut self.buf) => {
+                    if r? == 0 {
+                        return Ok(());
+                    }
+                    // Injections queued before these bytes arrived go first: a shed nack must
+                    // reach the client before any later confirm that covers its tag.
+                    self.drain_cmds();
+                    self.process()?;
+                }
+            }
+            self.out.flush(&mut self.client).await?;
+            if self.finished {
+                return Ok(());
+            }
+        }
+    }
+
+    fn drain_cmds(&mut self) {
+        while let Ok(c) = self.rx.try_recv() {
+            self.on_cmd(c);
+        }
+    }
+
+    fn on_cmd(&mut self, cmd: ToClient) {
+        if self.client_closed {
+            return;
+        }
+        match cmd {
+            ToClient::Frames(ch, frames) => {
+                if self.content.contains_key(&ch) {
+                    self.parked.entry(ch).or_default().extend(frames);
+                } else {
+                    for f in &frames {
+                        self.out.push(&f.raw);
+                    }
+                }
+            }
+            ToClient::SluiceBlocked(b) => {
+                self.shared.lock().sluice_blocked = b;
+                self.update_blocked();
+            }
+            ToClient::Close(code, text) => {
+                self.out.push(&reply::connection_close(code, &text, MethodId(0, 0)).raw);
+                self.client_closed = true;
+            }
+        }
+    }
+
+    fn update_blocked(&mut self) {
+        let (capable, visible) = {
+            let s = self.shared.lock();
+            (s.client_blocked_capable, s.upstream_blocked || s.sluice_blocked)
+        };
+        if !capable || visible == self.client_sees_blocked {
+            return;
+        }
+        self.client_sees_blocked = visible;
+        let f = if visible {
+            let reason = if self.upstream_blocked {
+                "broker resource alarm"
+            } else {
+                "sluice: producer over quota, publishes are paced"
+            };
+            reply::connection_blocked(reason)
+        } else {
+            reply::connection_unblocked()
+        };
+        self.out.push(&f.raw);
+    }
+
+    fn process(&mut self) -> Result<(), super::SessionError> {
+        while let Some(f) = frame::split(&mut self.buf, self.frame_max)? {
+            if self.client_closed {
+                // The client is being closed: only the broker's close-ok still matters.
+                if f.kind == FrameKind::Method
+                    && matches!(method::split_id(f.payload()), Ok((MethodId::CONNECTION_CLOSE_OK, _)))
+                {
+                    self.finished = true;
+                }
+                continue;
+            }
+            match f.kind {
+                FrameKind::Heartbeat => self.out.push(&f.raw),
+                FrameKind::Method => self.on_method(f)?,
+                FrameKind::Header => {
+                    let ch = f.channel;
+                    let size = ContentHeader::parse(f.payload())?.body_size;
+                    self.out.push(&f.raw);
+                    if matches!(self.content.get(&ch), Some(Content::AwaitHeader)) {
+                        if size == 0 {
+                            self.end_content(ch);
+                        } else {
+                            self.content.insert(ch, Content::Body(size));
+                        }
+                    }
+                }
+                FrameKind::Body => {
+                    let ch = f.channel;
+                    let len = f.payload().len() as u64;
+                    self.out.push(&f.raw);
+                    if let Some(Content::Body(rem)) = self.content.get_mut(&ch) {
+                        *rem = rem.saturating_sub(len);
+                        if *rem == 0 {
+                            self.end_content(ch);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn end_content(&mut self, ch: u16) {
+        self.content.remove(&ch);
+        if let Some(frames) = self.parked.remove(&ch) {
+            for f in &frames {
+                self.out.push(&f.raw);
+            }
+        }
+    }
+
+    fn on_method(&mut self, f: Frame) -> Result<(), super::SessionError> {
+        let ch = f.channel;
+        let (id, args) = method::split_id(f.payload())?;
+        if id.has_content() {
+            self.content.insert(ch, Content::AwaitHeader);
+            self.out.push(&f.raw);
+            return Ok(());
+        }
+        if ch == 0 {
+            match id {
+                MethodId::CONNECTION_BLOCKED => {
+                    let reason = method::decode_blocked_reason(args).unwrap_or("");
+                    warn!(reason, "broker blocked the connection");
+                    if !self.upstream_blocked {
+                        self.stats.upstream_blocked.fetch_add(1, Relaxed);
+                    }
+                    self.upstream_blocked = true;
+                    self.shared.lock().upstream_blocked = true;
+                    self.update_blocked();
+                }
+                MethodId::CONNECTION_UNBLOCKED => {
+                    info!("broker unblocked the connection");
+                    if self.upstream_blocked {
+                        self.stats.upstream_blocked.fetch_sub(1, Relaxed);
+                    }
+                    self.upstream_blocked = false;
+                    self.shared.lock().upstream_blocked = false;
+                    self.update_blocked();
+                }
+                MethodId::CONNECTION_CLOSE_OK if self.shared.lock().upstream_close_by_sluice => {
+                    self.finished = true;
+                }
+                MethodId::CONNECTION_CLOSE => {
+                    if let Ok(c) = Close::decode(args) {
+                        info!(code = c.code, text = c.text, "broker closed the connection");
+                    }
+                    self.out.push(&f.raw);
+                }
+                _ => self.out.push(&f.raw),
+            }
+            return Ok(());
+        }
+        match id {
+            MethodId::BASIC_ACK | MethodId::BASIC_NACK => {
+                let c = Confirm::decode(args)?;
+                let t = {
+                    let mut s = self.shared.lock();
+                    s.channels
+                        .get_mut(&ch)
+                        .and_then(|st| st.confirms.as_mut())
+                        .map(|m| m.translate(c.tag, c.multiple))
+                };
+                match t {
+                    // Not a channel sluice tracks confirms on (e.g. consumer acks never come
+                    // this way, but be transparent): forward untouched.
+                    None => self.out.push(&f.raw),
+                    Some(None) => {
+                        debug!(channel = ch, tag = c.tag, "confirm for no pending publish dropped")
+                    }
+                    Some(Some(t)) if !t.changed && t.multiple == c.multiple => self.out.push(&f.raw),
+                    Some(Some(t)) => {
+                        let frame = if id == MethodId::BASIC_ACK {
+                            reply::ack(ch, t.tag, t.multiple)
+                        } else {
+                            reply::nack(ch, t.tag, t.multiple)
+                        };
+                        self.out.push(&frame.raw);
+                    }
+                }
+            }
+            MethodId::CHANNEL_CLOSE_OK => {
+                let mut s = self.shared.lock();
+                let sluice_closing = match s.channels.get_mut(&ch).and_then(|st| st.closing.as_mut()) {
+                    Some(cl) => {
+                        cl.upstream_ok = true;
+                        Some(cl.client_ok)
+                    }
+                    None => None,
+                };
+                match sluice_closing {
+                    Some(client_ok) => {
+                        if client_ok {
+                            s.channels.remove(&ch);
+                        }
+                    }
+                    None => {
+                        s.channels.remove(&ch);
+                        drop(s);
+                        self.content.remove(&ch);
+                        self.out.push(&f.raw);
+                    }
+                }
+            }
+            MethodId::CHANNEL_CLOSE => {
+                let mut s = self.shared.lock();
+                match s.channels.get_mut(&ch).and_then(|st| st.closing.as_mut()) {
+                    // The broker closed the channel while sluice was closing it: treat as done.
+                    Some(cl) => cl.upstream_ok = true,
+                    None => {
+                        s.channels.remove(&ch);
+                        drop(s);
+                        self.content.remove(&ch);
+                        self.out.push(&f.raw);
+                    }
+                }
+            }
+            _ => {
+                let closing = self
+                    .shared
+                    .lock()
+                    .channels
+                    .get(&ch)
+                    .is_some_and(|st| st.closing.is_some());
+                if !closing {
+                    self.out.push(&f.raw);
+                }
+            }
+        }
+        Ok(())
+    }
+}
