@@ -26,7 +26,9 @@ impl Source {
     /// Parse one entry of `[identity] from`.
     pub fn parse(s: &str) -> Result<Source, String> {
         Ok(match s.split_once(':') {
-            Some(("client_property", name)) if !name.is_empty() => Source::ClientProperty(name.into()),
+            Some(("client_property", name)) if !name.is_empty() => {
+                Source::ClientProperty(name.into())
+            }
             Some(("header", name)) if !name.is_empty() => Source::Header(name.into()),
             None if s == "user" => Source::User,
             None if s == "vhost" => Source::Vhost,
@@ -35,9 +37,9 @@ impl Source {
             None if s == "user_id" => Source::UserId,
             _ => {
                 return Err(format!(
-                    "unknown identity source '{s}' (use client_property:NAME, user, vhost, peer_ip, \
+                "unknown identity source '{s}' (use client_property:NAME, user, vhost, peer_ip, \
                      app_id, user_id or header:NAME)"
-                ))
+            ))
             }
         })
     }
@@ -198,7 +200,8 @@ mod tests {
         // No connection_name: falls through to the user.
         assert_eq!(&*spec.for_connection(&facts()).name, "guest");
         let mut f = facts();
-        f.client_properties.push(("connection_name".into(), "web-login".into()));
+        f.client_properties
+            .push(("connection_name".into(), "web-login".into()));
         assert_eq!(&*spec.for_connection(&f).name, "web-login");
     }
 
@@ -216,7 +219,12 @@ mod tests {
             Source::parse("client_property:connection_name"),
             Ok(Source::ClientProperty("connection_name".into()))
         );
-        assert_eq!(Source::parse("header:task"), Ok(Source::Header("task".into())));
-        assert!(Source::parse("cookie").unwrap_err().contains("unknown identity source"));
+        assert_eq!(
+            Source::parse("header:task"),
+            Ok(Source::Header("task".into()))
+        );
+        assert!(Source::parse("cookie")
+            .unwrap_err()
+            .contains("unknown identity source"));
     }
 }

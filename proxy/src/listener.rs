@@ -9,7 +9,9 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 /// Bind every listener of the active config. Errors name the address that could not be bound.
-pub async fn bind_all(rt: &Arc<Runtime>) -> Result<Vec<(Arc<ListenerConfig>, TcpListener)>, String> {
+pub async fn bind_all(
+    rt: &Arc<Runtime>,
+) -> Result<Vec<(Arc<ListenerConfig>, TcpListener)>, String> {
     let mut out = Vec::new();
     for l in &rt.active().config.listeners {
         let sock = TcpListener::bind(l.listen)

@@ -41,7 +41,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sluice: cannot start the async runtime: {e}");
@@ -85,7 +88,12 @@ async fn check(file: PathBuf) -> ExitCode {
         eprintln!("{}: {} problem(s)", file.display(), report.problems.len());
         return ExitCode::from(1);
     }
-    println!("{}: ok ({} listener(s), {} quota(s))", file.display(), cfg.listeners.len(), cfg.quotas.len());
+    println!(
+        "{}: ok ({} listener(s), {} quota(s))",
+        file.display(),
+        cfg.listeners.len(),
+        cfg.quotas.len()
+    );
     ExitCode::SUCCESS
 }
 
@@ -102,7 +110,10 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
         };
         anyhow::bail!("invalid config:\n{report}");
     }
-    let server = sluice::Server::start(cfg).await.map_err(anyhow::Error::msg).context("starting")?;
+    let server = sluice::Server::start(cfg)
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("starting")?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {

@@ -58,9 +58,10 @@ impl Active {
             }
             stages.push(stage);
         }
-        let tarpit = config.tarpit.rate.map(|r| {
-            Arc::new(Limiter::new(Some((r, config.tarpit.burst as u64)), None))
-        });
+        let tarpit = config
+            .tarpit
+            .rate
+            .map(|r| Arc::new(Limiter::new(Some((r, config.tarpit.burst as u64)), None)));
         Active {
             chain: Arc::new(Chain::new(stages, config.dry_run)),
             tarpit,
@@ -118,8 +119,13 @@ impl Runtime {
     /// Swap in a new config; connections pick it up on their next publish.
     pub fn swap(&self, config: Config) -> Arc<Active> {
         let prev = self.active();
-        let next = Arc::new(Active::build(Arc::new(config), Some(&prev), prev.version + 1));
-        self.metrics.set_max_producers(next.config.admin.max_producers);
+        let next = Arc::new(Active::build(
+            Arc::new(config),
+            Some(&prev),
+            prev.version + 1,
+        ));
+        self.metrics
+            .set_max_producers(next.config.admin.max_producers);
         self.active.store(next.clone());
         next
     }

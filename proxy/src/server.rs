@@ -30,11 +30,24 @@ impl Server {
         let mut listeners = Vec::new();
         let mut tasks = Vec::new();
         for (l, sock) in bound {
-            listeners.push((l.name.clone(), sock.local_addr().map_err(|e| e.to_string())?));
-            tasks.push(tokio::spawn(crate::listener::accept_loop(rt.clone(), l, sock)));
+            listeners.push((
+                l.name.clone(),
+                sock.local_addr().map_err(|e| e.to_string())?,
+            ));
+            tasks.push(tokio::spawn(crate::listener::accept_loop(
+                rt.clone(),
+                l,
+                sock,
+            )));
         }
-        tasks.push(tokio::spawn(crate::admin::http::serve(rt.clone(), admin_sock)));
-        tasks.push(tokio::spawn(crate::listener::probe_loop(rt.clone(), Duration::from_secs(2))));
+        tasks.push(tokio::spawn(crate::admin::http::serve(
+            rt.clone(),
+            admin_sock,
+        )));
+        tasks.push(tokio::spawn(crate::listener::probe_loop(
+            rt.clone(),
+            Duration::from_secs(2),
+        )));
         tasks.push(tokio::spawn(housekeeping(rt.clone())));
         Ok(Server {
             rt,
@@ -46,7 +59,10 @@ impl Server {
 
     /// The address a listener is bound to (useful with port 0).
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|(n, _)| &**n == name).map(|(_, a)| *a)
+        self.listeners
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, a)| *a)
     }
 
     /// The admin API address.
@@ -70,10 +86,7 @@ impl Server {
         for t in self.tasks {
             t.abort();
         }
-        info!(
-            remaining = self.rt.connections.load(Relaxed),
-            "stopped"
-        );
+        info!(remaining = self.rt.connections.load(Relaxed), "stopped");
     }
 }
 
@@ -88,7 +101,7 @@ async fn housekeeping(rt: Arc<Runtime>) {
         }
         rt.metrics.sample(1.0);
         n += 1;
-        if n % 30 == 0 {
+        if n.is_multiple_of(30) {
             let a = rt.active();
             for q in a.chain.quotas() {
                 q.limiter.retain_recent();

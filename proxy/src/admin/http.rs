@@ -102,14 +102,19 @@ fn readyz(rt: &Runtime) -> Reply {
 
 fn producers(rt: &Runtime) -> Reply {
     let mut list = rt.metrics.producers();
-    list.sort_by(|a, b| b.rate().total_cmp(&a.rate()).then(b.total().cmp(&a.total())));
+    list.sort_by(|a, b| {
+        b.rate()
+            .total_cmp(&a.rate())
+            .then(b.total().cmp(&a.total()))
+    });
     let items: Vec<_> = list
         .iter()
         .map(|p| {
-            let verdicts: serde_json::Map<String, serde_json::Value> = crate::policy::VerdictKind::ALL
-                .iter()
-                .map(|k| (k.as_str().to_string(), json!(p.count(*k))))
-                .collect();
+            let verdicts: serde_json::Map<String, serde_json::Value> =
+                crate::policy::VerdictKind::ALL
+                    .iter()
+                    .map(|k| (k.as_str().to_string(), json!(p.count(*k))))
+                    .collect();
             json!({
                 "listener": &*p.listener,
                 "producer": &*p.producer,

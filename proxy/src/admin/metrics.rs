@@ -55,15 +55,23 @@ impl ProducerStats {
 
     /// Publishes counted under a verdict.
     pub fn count(&self, kind: VerdictKind) -> u64 {
-        self.messages.get(idx(kind)).map(|m| m.load(Relaxed)).unwrap_or(0)
+        self.messages
+            .get(idx(kind))
+            .map(|m| m.load(Relaxed))
+            .unwrap_or(0)
     }
 
     /// All publishes seen (every verdict but the dry-run ones, which are also counted as forward).
     pub fn total(&self) -> u64 {
-        [VerdictKind::Forward, VerdictKind::Delay, VerdictKind::Shed, VerdictKind::Divert]
-            .iter()
-            .map(|k| self.count(*k))
-            .sum()
+        [
+            VerdictKind::Forward,
+            VerdictKind::Delay,
+            VerdictKind::Shed,
+            VerdictKind::Divert,
+        ]
+        .iter()
+        .map(|k| self.count(*k))
+        .sum()
     }
 
     /// Publishes per second over the last sampling interval.
@@ -110,6 +118,16 @@ pub struct Metrics {
     pub reloads_error: AtomicU64,
     started: std::time::Instant,
 }
+
+/// A per-listener gauge: name, type, help, reader.
+type GaugeFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ListenerStats) -> i64,
+);
+/// A per-listener counter: name, help, reader.
+type CounterFamily = (&'static str, &'static str, fn(&ListenerStats) -> u64);
 
 impl Metrics {
     /// Empty metrics tracking at most `max_producers` producer names.
@@ -174,7 +192,12 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         let mut producers = self.producers();
         producers.sort_by(|a, b| (&a.listener, &a.producer).cmp(&(&b.listener, &b.producer)));
-        family(&mut out, "sluice_messages_total", "counter", "Publishes by listener, producer and verdict.");
+        family(
+            &mut out,
+            "sluice_messages_total",
+            "counter",
+            "Publishes by listener, producer and verdict.",
+        );
         for p in &producers {
             for k in VerdictKind::ALL {
                 let _ = writeln!(
@@ -187,7 +210,12 @@ impl Metrics {
                 );
             }
         }
-        family(&mut out, "sluice_bytes_total", "counter", "Body bytes of publishes by listener, producer and verdict.");
+        family(
+            &mut out,
+            "sluice_bytes_total",
+            "counter",
+            "Body bytes of publishes by listener, producer and verdict.",
+        );
         for p in &producers {
             for k in VerdictKind::ALL {
                 let v = p.bytes.get(idx(k)).map(|b| b.load(Relaxed)).unwrap_or(0);
@@ -201,7 +229,12 @@ impl Metrics {
                 );
             }
         }
-        family(&mut out, "sluice_producer_connections", "gauge", "Open client connections per producer.");
+        family(
+            &mut out,
+            "sluice_producer_connections",
+            "gauge",
+            "Open client connections per producer.",
+        );
         for p in &producers {
             let _ = writeln!(
                 out,
@@ -211,10 +244,19 @@ impl Metrics {
                 p.connections.load(Relaxed)
             );
         }
-        let mut listeners: Vec<_> = self.listeners.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
+        let mut listeners: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
         listeners.sort_by(|a, b| a.0.cmp(&b.0));
-        let gauges: [(&str, &str, &str, fn(&ListenerStats) -> i64); 2] = [
-            ("sluice_connections", "gauge", "Open client connections.", |l| l.connections.load(Relaxed)),
+        let gauges: [GaugeFamily; 2] = [
+            (
+                "sluice_connections",
+                "gauge",
+                "Open client connections.",
+                |l| l.connections.load(Relaxed),
+            ),
             (
                 "sluice_upstream_blocked",
                 "gauge",
@@ -228,20 +270,32 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{listener=\"{}\"}} {}", esc(n), get(l));
             }
         }
-        let counters: [(&str, &str, fn(&ListenerStats) -> u64); 5] = [
-            ("sluice_connections_accepted_total", "Client connections accepted.", |l| l.accepted.load(Relaxed)),
-            ("sluice_connections_tarpitted_total", "Connection attempts held by the tarpit.", |l| {
-                l.tarpitted.load(Relaxed)
-            }),
-            ("sluice_connections_refused_total", "Connection attempts refused by a limit.", |l| {
-                l.refused.load(Relaxed)
-            }),
-            ("sluice_protocol_errors_total", "Client connections closed for a protocol error.", |l| {
-                l.protocol_errors.load(Relaxed)
-            }),
-            ("sluice_upstream_errors_total", "Failures to connect to the upstream.", |l| {
-                l.upstream_errors.load(Relaxed)
-            }),
+        let counters: [CounterFamily; 5] = [
+            (
+                "sluice_connections_accepted_total",
+                "Client connections accepted.",
+                |l| l.accepted.load(Relaxed),
+            ),
+            (
+                "sluice_connections_tarpitted_total",
+                "Connection attempts held by the tarpit.",
+                |l| l.tarpitted.load(Relaxed),
+            ),
+            (
+                "sluice_connections_refused_total",
+                "Connection attempts refused by a limit.",
+                |l| l.refused.load(Relaxed),
+            ),
+            (
+                "sluice_protocol_errors_total",
+                "Client connections closed for a protocol error.",
+                |l| l.protocol_errors.load(Relaxed),
+            ),
+            (
+                "sluice_upstream_errors_total",
+                "Failures to connect to the upstream.",
+                |l| l.upstream_errors.load(Relaxed),
+            ),
         ];
         for (name, help, get) in counters {
             family(&mut out, name, "counter", help);
@@ -249,11 +303,33 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{listener=\"{}\"}} {}", esc(n), get(l));
             }
         }
-        family(&mut out, "sluice_config_reloads_total", "counter", "Config reloads by result.");
-        let _ = writeln!(out, "sluice_config_reloads_total{{result=\"ok\"}} {}", self.reloads_ok.load(Relaxed));
-        let _ = writeln!(out, "sluice_config_reloads_total{{result=\"error\"}} {}", self.reloads_error.load(Relaxed));
-        family(&mut out, "sluice_uptime_seconds", "gauge", "Seconds since sluice started.");
-        let _ = writeln!(out, "sluice_uptime_seconds {:.3}", self.started.elapsed().as_secs_f64());
+        family(
+            &mut out,
+            "sluice_config_reloads_total",
+            "counter",
+            "Config reloads by result.",
+        );
+        let _ = writeln!(
+            out,
+            "sluice_config_reloads_total{{result=\"ok\"}} {}",
+            self.reloads_ok.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "sluice_config_reloads_total{{result=\"error\"}} {}",
+            self.reloads_error.load(Relaxed)
+        );
+        family(
+            &mut out,
+            "sluice_uptime_seconds",
+            "gauge",
+            "Seconds since sluice started.",
+        );
+        let _ = writeln!(
+            out,
+            "sluice_uptime_seconds {:.3}",
+            self.started.elapsed().as_secs_f64()
+        );
         out
     }
 }
@@ -264,7 +340,9 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -283,7 +361,9 @@ mod tests {
         assert!(Arc::ptr_eq(&c, &d));
         a.record(VerdictKind::Shed, 10);
         let text = m.render();
-        assert!(text.contains("sluice_messages_total{listener=\"amqp\",producer=\"a\",verdict=\"shed\"} 1"));
+        assert!(text.contains(
+            "sluice_messages_total{listener=\"amqp\",producer=\"a\",verdict=\"shed\"} 1"
+        ));
         assert!(text.contains("# HELP sluice_connections "));
     }
 }

@@ -2,8 +2,8 @@
 //! immutable [`Config`] the running proxy uses ([`validate`]).
 
 pub mod model;
-pub mod units;
 pub mod targets;
+pub mod units;
 pub mod validate;
 
 pub use validate::{load, parse, Config, Problem, Report};

@@ -20,7 +20,12 @@ pub async fn check_divert_targets(cfg: &Config) -> TargetCheck {
     let targets: Vec<_> = cfg
         .quotas
         .iter()
-        .flat_map(|q| q.on_exceed.divert_targets().into_iter().map(move |t| (q, t.clone())))
+        .flat_map(|q| {
+            q.on_exceed
+                .divert_targets()
+                .into_iter()
+                .map(move |t| (q, t.clone()))
+        })
         .collect();
     if targets.is_empty() {
         return out;

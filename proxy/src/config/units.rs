@@ -40,7 +40,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => n,
         "m" | "min" => n * 60.0,
         "h" => n * 3600.0,
-        other => return Err(format!("unknown duration unit '{other}' in '{s}' (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit '{other}' in '{s}' (use ms, s, m or h)"
+            ))
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("duration '{s}' is out of range"));
@@ -100,7 +104,9 @@ pub fn parse_rate(s: &str, bytes: bool) -> Result<Rate, String> {
         _ => parse_duration(per).map_err(|e| format!("rate '{s}': {e}"))?,
     };
     if amount == 0 {
-        return Err(format!("rate '{s}' must be greater than zero (remove the limit instead)"));
+        return Err(format!(
+            "rate '{s}' must be greater than zero (remove the limit instead)"
+        ));
     }
     if per.is_zero() {
         return Err(format!("rate '{s}' has a zero period"));
@@ -133,9 +139,15 @@ mod tests {
 
     #[test]
     fn bad_values_say_what_is_wrong() {
-        assert!(parse_rate("500", false).unwrap_err().contains("amount/period"));
-        assert!(parse_rate("fast/s", false).unwrap_err().contains("whole number"));
-        assert!(parse_rate("0/s", false).unwrap_err().contains("greater than zero"));
+        assert!(parse_rate("500", false)
+            .unwrap_err()
+            .contains("amount/period"));
+        assert!(parse_rate("fast/s", false)
+            .unwrap_err()
+            .contains("whole number"));
+        assert!(parse_rate("0/s", false)
+            .unwrap_err()
+            .contains("greater than zero"));
         assert!(parse_duration("5").unwrap_err().contains("needs a unit"));
         assert!(parse_size("3XB").unwrap_err().contains("unknown size unit"));
     }

@@ -4,8 +4,8 @@
 use super::model::*;
 use super::units::{parse_duration, parse_rate, parse_size, Rate};
 use crate::identity::{IdentitySpec, Source};
-use crate::policy::glob::Glob;
 use crate::policy::chain::Matcher;
+use crate::policy::glob::Glob;
 use crate::policy::verdict::{ActionSpec, DivertTarget};
 use crate::protocol::amqp::client::ProbeTarget;
 use crate::protocol::Protocol;
@@ -314,7 +314,13 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
         listen: match &file.admin.listen {
             None => SocketAddr::from(([127, 0, 0, 1], 9090)),
             Some(l) => l.get_ref().parse().unwrap_or_else(|_| {
-                cx.at(l, format!("admin.listen: '{}' is not an address like 127.0.0.1:9090", l.get_ref()));
+                cx.at(
+                    l,
+                    format!(
+                        "admin.listen: '{}' is not an address like 127.0.0.1:9090",
+                        l.get_ref()
+                    ),
+                );
                 SocketAddr::from(([127, 0, 0, 1], 9090))
             }),
         },
@@ -324,14 +330,22 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
     let limits_default = Limits::default();
     let l = &file.limits;
     let limits = Limits {
-        max_message_size: cx.size(&l.max_message_size, "limits.max_message_size", limits_default.max_message_size),
+        max_message_size: cx.size(
+            &l.max_message_size,
+            "limits.max_message_size",
+            limits_default.max_message_size,
+        ),
         max_buffered_per_connection: cx.size(
             &l.max_buffered_per_connection,
             "limits.max_buffered_per_connection",
             limits_default.max_buffered_per_connection,
         ),
         max_frame_size: {
-            let v = cx.size(&l.max_frame_size, "limits.max_frame_size", limits_default.max_frame_size as u64);
+            let v = cx.size(
+                &l.max_frame_size,
+                "limits.max_frame_size",
+                limits_default.max_frame_size as u64,
+            );
             if v < 4096 || v > u32::MAX as u64 {
                 if let Some(s) = &l.max_frame_size {
                     cx.at(s, "limits.max_frame_size must be between 4KiB and 4GiB");
@@ -339,8 +353,16 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
             }
             v.clamp(4096, u32::MAX as u64) as u32
         },
-        handshake_timeout: cx.duration(&l.handshake_timeout, "limits.handshake_timeout", limits_default.handshake_timeout),
-        connect_timeout: cx.duration(&l.connect_timeout, "limits.connect_timeout", limits_default.connect_timeout),
+        handshake_timeout: cx.duration(
+            &l.handshake_timeout,
+            "limits.handshake_timeout",
+            limits_default.handshake_timeout,
+        ),
+        connect_timeout: cx.duration(
+            &l.connect_timeout,
+            "limits.connect_timeout",
+            limits_default.connect_timeout,
+        ),
         max_connections: l.max_connections.unwrap_or(limits_default.max_connections),
         max_connections_per_producer: l
             .max_connections_per_producer
@@ -359,31 +381,67 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
     }
     for lf in &file.listeners {
         if !names.insert(lf.name.get_ref().clone()) {
-            cx.at(&lf.name, format!("duplicate listener name '{}'", lf.name.get_ref()));
+            cx.at(
+                &lf.name,
+                format!("duplicate listener name '{}'", lf.name.get_ref()),
+            );
         }
         let protocol = match lf.protocol.get_ref().as_str() {
             "amqp091" | "amqp" => Protocol::Amqp091,
             other => {
-                cx.at(&lf.protocol, format!("unknown protocol '{other}' (supported: amqp091)"));
+                cx.at(
+                    &lf.protocol,
+                    format!("unknown protocol '{other}' (supported: amqp091)"),
+                );
                 Protocol::Amqp091
             }
         };
-        let listen = lf.listen.get_ref().parse::<SocketAddr>().unwrap_or_else(|_| {
-            cx.at(&lf.listen, format!("listen: '{}' is not an address like 127.0.0.1:5673", lf.listen.get_ref()));
-            SocketAddr::from(([127, 0, 0, 1], 0))
-        });
+        let listen = lf
+            .listen
+            .get_ref()
+            .parse::<SocketAddr>()
+            .unwrap_or_else(|_| {
+                cx.at(
+                    &lf.listen,
+                    format!(
+                        "listen: '{}' is not an address like 127.0.0.1:5673",
+                        lf.listen.get_ref()
+                    ),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            });
         if listen.port() != 0 && !addrs.insert(listen) {
-            cx.at(&lf.listen, format!("listen address {listen} is used by two listeners"));
+            cx.at(
+                &lf.listen,
+                format!("listen address {listen} is used by two listeners"),
+            );
         }
         let upstream = match lf.upstream.get_ref() {
-            UpstreamFile::Addr(a) => Upstream { addr: a.clone(), tls: false },
-            UpstreamFile::Table { addr, tls } => Upstream { addr: addr.clone(), tls: *tls },
+            UpstreamFile::Addr(a) => Upstream {
+                addr: a.clone(),
+                tls: false,
+            },
+            UpstreamFile::Table { addr, tls } => Upstream {
+                addr: addr.clone(),
+                tls: *tls,
+            },
         };
-        if upstream.addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-            cx.at(&lf.upstream, format!("upstream '{}' must be host:port", upstream.addr));
+        if upstream
+            .addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            cx.at(
+                &lf.upstream,
+                format!("upstream '{}' must be host:port", upstream.addr),
+            );
         }
         if upstream.tls {
-            cx.at(&lf.upstream, "upstream TLS is not supported by this build yet; use a plain address");
+            cx.at(
+                &lf.upstream,
+                "upstream TLS is not supported by this build yet; use a plain address",
+            );
         }
         let password = match &lf.probe.password_env {
             Some(var) => std::env::var(var).unwrap_or_default(),
@@ -417,7 +475,8 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
             if list.is_empty() {
                 cx.problems.push(Problem {
                     line: None,
-                    message: "identity.from is empty: list at least one source, e.g. \"peer_ip\"".into(),
+                    message: "identity.from is empty: list at least one source, e.g. \"peer_ip\""
+                        .into(),
                 });
             }
             IdentitySpec::new(sources)
@@ -436,7 +495,11 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
                 .ok(),
         },
         burst: file.tarpit.burst.unwrap_or(40).max(1),
-        max_delay: cx.duration(&file.tarpit.max_delay, "tarpit.max_delay", Duration::from_secs(5)),
+        max_delay: cx.duration(
+            &file.tarpit.max_delay,
+            "tarpit.max_delay",
+            Duration::from_secs(5),
+        ),
     };
 
     let amqp = AmqpSettings {
@@ -457,12 +520,19 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
                 "nack" => ShedMandatory::Nack,
                 "return" => ShedMandatory::Return,
                 other => {
-                    cx.at(s, format!("amqp.shed_mandatory: '{other}' must be \"nack\" or \"return\""));
+                    cx.at(
+                        s,
+                        format!("amqp.shed_mandatory: '{other}' must be \"nack\" or \"return\""),
+                    );
                     ShedMandatory::Nack
                 }
             },
         },
-        blocked_after: cx.duration(&file.amqp.blocked_after, "amqp.blocked_after", Duration::from_secs(2)),
+        blocked_after: cx.duration(
+            &file.amqp.blocked_after,
+            "amqp.blocked_after",
+            Duration::from_secs(2),
+        ),
     };
 
     let mut quota_names = HashSet::new();
@@ -478,22 +548,34 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
             }
             *b.get_ref()
         });
-        let messages = q.messages.as_ref().and_then(|m| match parse_rate(m.get_ref(), false) {
-            Ok(r) => Some((r, burst.unwrap_or_else(|| crate::quota::local::default_burst(&r)))),
-            Err(e) => {
-                cx.at(m, format!("quota '{name}': messages: {e}"));
-                None
-            }
-        });
-        let bytes = q.bytes.as_ref().and_then(|m| match parse_rate(m.get_ref(), true) {
-            Ok(r) => Some((r, crate::quota::local::default_burst(&r))),
-            Err(e) => {
-                cx.at(m, format!("quota '{name}': bytes: {e}"));
-                None
-            }
-        });
+        let messages = q
+            .messages
+            .as_ref()
+            .and_then(|m| match parse_rate(m.get_ref(), false) {
+                Ok(r) => Some((
+                    r,
+                    burst.unwrap_or_else(|| crate::quota::local::default_burst(&r)),
+                )),
+                Err(e) => {
+                    cx.at(m, format!("quota '{name}': messages: {e}"));
+                    None
+                }
+            });
+        let bytes = q
+            .bytes
+            .as_ref()
+            .and_then(|m| match parse_rate(m.get_ref(), true) {
+                Ok(r) => Some((r, crate::quota::local::default_burst(&r))),
+                Err(e) => {
+                    cx.at(m, format!("quota '{name}': bytes: {e}"));
+                    None
+                }
+            });
         if q.messages.is_none() && q.bytes.is_none() {
-            cx.at(&q.name, format!("quota '{name}' has neither messages nor bytes: add messages = \"500/s\""));
+            cx.at(
+                &q.name,
+                format!("quota '{name}' has neither messages nor bytes: add messages = \"500/s\""),
+            );
         }
         let on_exceed = match &q.on_exceed {
             None => ActionSpec::Shed {
@@ -599,15 +681,25 @@ fn action(a: &ActionFile, quota: &str, line: usize, cx: &mut Ctx<'_>, depth: usi
                     problem(cx, "put 'then' inside divert = { ... } (it applies past the divert's own rate)".into());
                 }
                 if dv.exchange.len() > 255 || dv.routing_key.len() > 255 {
-                    problem(cx, "divert exchange and routing_key must be at most 255 bytes".into());
+                    problem(
+                        cx,
+                        "divert exchange and routing_key must be at most 255 bytes".into(),
+                    );
                 }
-                let limit = dv.messages.as_ref().and_then(|m| match parse_rate(m, false) {
-                    Ok(r) => Some((r, dv.burst.unwrap_or_else(|| crate::quota::local::default_burst(&r)))),
-                    Err(e) => {
-                        problem(cx, format!("divert messages: {e}"));
-                        None
-                    }
-                });
+                let limit = dv
+                    .messages
+                    .as_ref()
+                    .and_then(|m| match parse_rate(m, false) {
+                        Ok(r) => Some((
+                            r,
+                            dv.burst
+                                .unwrap_or_else(|| crate::quota::local::default_burst(&r)),
+                        )),
+                        Err(e) => {
+                            problem(cx, format!("divert messages: {e}"));
+                            None
+                        }
+                    });
                 let then = match &dv.then {
                     Some(n) => action(n, quota, line, cx, depth + 1),
                     None => ActionSpec::Delay {
@@ -685,18 +777,34 @@ on_exceed = { delay = "soon" }
 "#;
         let r = parse(bad, Path::new("bad.toml")).unwrap_err();
         let text = r.to_string();
-        assert!(text.contains("bad.toml:4: unknown protocol 'mqtt'"), "{text}");
+        assert!(
+            text.contains("bad.toml:4: unknown protocol 'mqtt'"),
+            "{text}"
+        );
         assert!(text.contains("bad.toml:5: listen: 'nowhere'"), "{text}");
-        assert!(text.contains("bad.toml:9: duplicate listener name 'amqp'"), "{text}");
+        assert!(
+            text.contains("bad.toml:9: duplicate listener name 'amqp'"),
+            "{text}"
+        );
         assert!(text.contains("bad.toml:16: quota 'q': messages"), "{text}");
-        assert!(text.contains("bad.toml:17: quota 'q': on_exceed: delay"), "{text}");
+        assert!(
+            text.contains("bad.toml:17: quota 'q': on_exceed: delay"),
+            "{text}"
+        );
         assert_eq!(r.problems.len(), 5, "{text}");
     }
 
     #[test]
     fn unknown_keys_are_rejected_with_line() {
-        let r = parse("[admin]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n", Path::new("x.toml")).unwrap_err();
+        let r = parse(
+            "[admin]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
         let text = r.to_string();
-        assert!(text.starts_with("x.toml:3: unknown field `lisen`"), "{text}");
+        assert!(
+            text.starts_with("x.toml:3: unknown field `lisen`"),
+            "{text}"
+        );
     }
 }

@@ -208,7 +208,14 @@ impl<C: Clock + Clone> Chain<C> {
         })
     }
 
-    fn apply(&self, q: &QuotaStage<C>, a: &ActionSpec, adm: Admission, v: &PublishView<'_>, held: Duration) -> Gate {
+    fn apply(
+        &self,
+        q: &QuotaStage<C>,
+        a: &ActionSpec,
+        adm: Admission,
+        v: &PublishView<'_>,
+        held: Duration,
+    ) -> Gate {
         match a {
             ActionSpec::Forward => Gate::Pass,
             ActionSpec::Shed { reason } => Gate::Final(
@@ -218,7 +225,9 @@ impl<C: Clock + Clone> Chain<C> {
                 VerdictKind::Shed,
             ),
             ActionSpec::Delay { max, then } => match adm {
-                Admission::Wait(d) if held + d <= *max => Gate::Wait(d.max(Duration::from_micros(50))),
+                Admission::Wait(d) if held + d <= *max => {
+                    Gate::Wait(d.max(Duration::from_micros(50)))
+                }
                 _ => self.apply(q, then, Admission::Never, v, held),
             },
             ActionSpec::Divert { target, then, .. } => {
@@ -330,7 +339,10 @@ mod tests {
         run(&chain, &hot, &clock);
         let mut st = EvalState::default();
         let v = view(&hot);
-        assert_eq!(chain.evaluate(&v, &mut st), Step::Wait(Duration::from_millis(10)));
+        assert_eq!(
+            chain.evaluate(&v, &mut st),
+            Step::Wait(Duration::from_millis(10))
+        );
         clock.advance(Duration::from_millis(10));
         match chain.evaluate(&v, &mut st) {
             Step::Done(d) => assert_eq!(d.kind, VerdictKind::Delay),
@@ -383,12 +395,7 @@ mod tests {
     fn dry_run_counts_would_verdicts_and_forwards() {
         let clock = FakeRelativeClock::default();
         let chain = Chain::new(
-            vec![stage(
-                ActionSpec::Shed {
-                    reason: "x".into(),
-                },
-                &clock,
-            )],
+            vec![stage(ActionSpec::Shed { reason: "x".into() }, &clock)],
             true,
         );
         let hot: Arc<str> = "hotfix-svc".into();

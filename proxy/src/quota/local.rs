@@ -13,7 +13,8 @@ use std::time::Duration;
 /// nanosecond resolution. A message is charged at least one unit.
 pub const BYTE_UNIT: u64 = 16;
 
-type Keyed<C> = RateLimiter<Arc<str>, DashMapStateStore<Arc<str>>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type Keyed<C> =
+    RateLimiter<Arc<str>, DashMapStateStore<Arc<str>>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// The outcome of asking a limiter for room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +46,8 @@ impl<C: Clock> std::fmt::Debug for Limiter<C> {
 fn quota(amount: u64, per: Duration, burst: u64) -> Quota {
     let amount = amount.max(1);
     let period = (per / u32::try_from(amount).unwrap_or(u32::MAX)).max(Duration::from_nanos(1));
-    let burst = NonZeroU32::new(u32::try_from(burst.max(1)).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+    let burst =
+        NonZeroU32::new(u32::try_from(burst.max(1)).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
     Quota::with_period(period)
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
         .allow_burst(burst)
@@ -87,7 +89,8 @@ impl<C: Clock + Clone> Limiter<C> {
         }
         if let Some(b) = &self.bytes {
             let units = (size / BYTE_UNIT).max(1);
-            let n = NonZeroU32::new(u32::try_from(units).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+            let n = NonZeroU32::new(u32::try_from(units).unwrap_or(u32::MAX))
+                .unwrap_or(NonZeroU32::MIN);
             match b.check_key_n(key, n) {
                 Ok(Ok(())) => {}
                 Ok(Err(not_until)) => {

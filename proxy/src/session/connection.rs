@@ -32,7 +32,12 @@ use tracing::{debug, info, warn, Instrument};
 pub const HANDSHAKE_FRAME_MAX: u32 = 128 * 1024;
 
 /// Serve one accepted client connection to the end.
-pub async fn serve(rt: Arc<Runtime>, listener: Arc<ListenerConfig>, client: TcpStream, peer: SocketAddr) {
+pub async fn serve(
+    rt: Arc<Runtime>,
+    listener: Arc<ListenerConfig>,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
     let id = rt.next_conn_id();
     let stats = rt.metrics.listener(&listener.name);
     stats.accepted.fetch_add(1, Relaxed);
@@ -90,7 +95,10 @@ pub fn default_start() -> Frame {
     .map(|c| (c.to_string(), FieldValue::Bool(true)))
     .collect();
     let props = vec![
-        ("product".to_string(), FieldValue::LongStr(b"sluice".to_vec())),
+        (
+            "product".to_string(),
+            FieldValue::LongStr(b"sluice".to_vec()),
+        ),
         (
             "version".to_string(),
             FieldValue::LongStr(env!("CARGO_PKG_VERSION").as_bytes().to_vec()),
@@ -109,7 +117,10 @@ pub fn default_start() -> Frame {
 }
 
 /// Read frames from the client until a method frame on channel 0 arrives.
-async fn read_method(sock: &mut TcpStream, buf: &mut BytesMut) -> Result<Frame, super::SessionError> {
+async fn read_method(
+    sock: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Frame, super::SessionError> {
     loop {
         if let Some(f) = frame::split(buf, HANDSHAKE_FRAME_MAX)? {
             if f.kind == FrameKind::Heartbeat {
@@ -147,7 +158,13 @@ async fn close_client(sock: &mut TcpStream, buf: &mut BytesMut, code: u16, text:
 }
 
 /// Refuse a connection with a reason, as far into the handshake as the client lets us.
-async fn refuse_early(mut client: TcpStream, rt: &Runtime, listener: &ListenerConfig, code: u16, text: &str) {
+async fn refuse_early(
+    mut client: TcpStream,
+    rt: &Runtime,
+    listener: &ListenerConfig,
+    code: u16,
+    text: &str,
+) {
     let timeout = rt.active().config.limits.handshake_timeout;
     let _ = tokio::time::timeout(timeout, async {
         let mut header = [0u8; 8];
@@ -155,7 +172,11 @@ async fn refuse_early(mut client: TcpStream, rt: &Runtime, listener: &ListenerCo
             let _ = client.write_all(PROTOCOL_HEADER).await;
             return;
         }
-        if client.write_all(&start_frame(rt, &listener.name)).await.is_err() {
+        if client
+            .write_all(&start_frame(rt, &listener.name))
+            .await
+            .is_err()
+        {
             return;
         }
         let mut buf = BytesMut::with_capacity(4096);
@@ -200,7 +221,12 @@ async fn run(
     // 2. connection.start (replayed), 3. start-ok.
     client.write_all(&start_frame(rt, &listener.name)).await?;
     let mut buf = BytesMut::with_capacity(16 * 1024);
-    let start_ok_frame = match tokio::time::timeout_at(handshake_deadline.into(), read_method(&mut client, &mut buf)).await {
+    let start_ok_frame = match tokio::time::timeout_at(
+        handshake_deadline.into(),
+        read_method(&mut client, &mut buf),
+    )
+    .await
+    {
         Ok(Ok(f)) => f,
         Ok(Err(e)) => {
             stats.protocol_errors.fetch_add(1, Relaxed);
@@ -275,7 +301,18 @@ async fn run(
         close_client(&mut client, &mut buf, code::NOT_ALLOWED, &text).await;
         return Ok(());
     }
-    let result = proxy(rt, listener, stats, client, buf, peer, facts, &mut start_ok, handshake_deadline).await;
+    let result = proxy(
+        rt,
+        listener,
+        stats,
+        client,
+        buf,
+        peer,
+        facts,
+        &mut start_ok,
+        handshake_deadline,
+    )
+    .await;
     rt.remove_producer_conn(&pre_identity);
     result
 }
@@ -299,7 +336,10 @@ async fn proxy(
         Err(e) => {
             stats.upstream_errors.fetch_add(1, Relaxed);
             warn!(upstream = %listener.upstream.addr, error = %e, "upstream unreachable");
-            let text = format!("INTERNAL_ERROR - sluice: upstream {} unreachable: {e}", listener.upstream.addr);
+            let text = format!(
+                "INTERNAL_ERROR - sluice: upstream {} unreachable: {e}",
+                listener.upstream.addr
+            );
             close_client(&mut client, &mut buf, code::INTERNAL_ERROR, &text).await;
             return Ok(());
         }
@@ -353,7 +393,10 @@ async fn proxy(
     let result = inbound.run().await;
     // Let the outbound pump finish the close handshake it may be in, then stop it.
     let mut out_task = out_task;
-    if tokio::time::timeout(Duration::from_secs(3), &mut out_task).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(3), &mut out_task)
+        .await
+        .is_err()
+    {
         out_task.abort();
     }
     result
@@ -369,7 +412,9 @@ async fn connect_upstream(
         .map_err(|_| format!("no answer within {timeout:?}"))?
         .map_err(|e| e.to_string())?;
     let _ = s.set_nodelay(true);
-    s.write_all(PROTOCOL_HEADER).await.map_err(|e| e.to_string())?;
+    s.write_all(PROTOCOL_HEADER)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let start = tokio::time::timeout(timeout, async {
         loop {
@@ -385,7 +430,9 @@ async fn connect_upstream(
                 Err(e) => return Err(format!("bad frame from upstream: {e}")),
             }
             match s.read_buf(&mut buf).await {
-                Ok(0) => return Err("upstream closed the connection during the handshake".to_string()),
+                Ok(0) => {
+                    return Err("upstream closed the connection during the handshake".to_string())
+                }
                 Ok(_) => {}
                 Err(e) => return Err(e.to_string()),
             }
@@ -395,7 +442,8 @@ async fn connect_upstream(
     .map_err(|_| format!("no connection.start within {timeout:?}"))??;
     match method::split_id(start.payload()) {
         Ok((MethodId::CONNECTION_START, _)) => {
-            rt.start_cache.insert(listener.name.clone(), start.raw.clone());
+            rt.start_cache
+                .insert(listener.name.clone(), start.raw.clone());
         }
         _ => return Err("upstream did not send connection.start".to_string()),
     }

@@ -90,10 +90,18 @@ struct AmqpIdentity<'a>(&'a ContentHeader<'a>);
 
 impl MessageIdentity for AmqpIdentity<'_> {
     fn app_id(&self) -> Option<String> {
-        self.0.get_str(Property::AppId).ok().flatten().map(|c| c.into_owned())
+        self.0
+            .get_str(Property::AppId)
+            .ok()
+            .flatten()
+            .map(|c| c.into_owned())
     }
     fn user_id(&self) -> Option<String> {
-        self.0.get_str(Property::UserId).ok().flatten().map(|c| c.into_owned())
+        self.0
+            .get_str(Property::UserId)
+            .ok()
+            .flatten()
+            .map(|c| c.into_owned())
     }
     fn header(&self, name: &str) -> Option<String> {
         self.0
@@ -206,7 +214,11 @@ impl Inbound {
     async fn close_upstream(&mut self, why: &str) {
         self.shared.lock().upstream_close_by_sluice = true;
         let _ = self.flush().await;
-        let close = reply::connection_close(code::REPLY_SUCCESS, &format!("sluice: {why}"), MethodId(0, 0));
+        let close = reply::connection_close(
+            code::REPLY_SUCCESS,
+            &format!("sluice: {why}"),
+            MethodId(0, 0),
+        );
         let _ = self.upstream.write_all(&close.raw).await;
     }
 
@@ -335,7 +347,10 @@ impl Inbound {
                     )));
                 }
                 self.channels.insert(ch, LocalChannel::default());
-                self.shared.lock().channels.insert(ch, ChannelState::default());
+                self.shared
+                    .lock()
+                    .channels
+                    .insert(ch, ChannelState::default());
             }
             MethodId::CHANNEL_CLOSE_OK | MethodId::CHANNEL_CLOSE => {
                 self.channels.remove(&ch);
@@ -377,7 +392,10 @@ impl Inbound {
         loop {
             let open = {
                 let s = self.shared.lock();
-                s.channels.get(&ch).and_then(|c| c.closing).is_some_and(|c| !c.upstream_ok)
+                s.channels
+                    .get(&ch)
+                    .and_then(|c| c.closing)
+                    .is_some_and(|c| !c.upstream_ok)
             };
             if !open || Instant::now() > deadline {
                 break;
@@ -387,7 +405,12 @@ impl Inbound {
         self.shared.lock().channels.remove(&ch);
     }
 
-    fn on_connection_method(&mut self, id: MethodId, args: &[u8], f: &Frame) -> Result<(), SessionError> {
+    fn on_connection_method(
+        &mut self,
+        id: MethodId,
+        args: &[u8],
+        f: &Frame,
+    ) -> Result<(), SessionError> {
         match id {
             MethodId::CONNECTION_TUNE_OK => {
                 let t = Tune::decode(args)?;
@@ -405,7 +428,10 @@ impl Inbound {
                 let active = self.rt.active();
                 let identity = active.config.identity.for_connection(&self.facts);
                 tracing::Span::current().record("producer", &*identity.name);
-                let stats = self.rt.metrics.producer(&self.listener.name, &identity.name);
+                let stats = self
+                    .rt
+                    .metrics
+                    .producer(&self.listener.name, &identity.name);
                 stats.connections.fetch_add(1, Relaxed);
                 info!(producer = %identity.name, vhost, "client connected");
                 self.producer = Some(stats);
@@ -501,8 +527,11 @@ impl Inbound {
         };
         self.buffered = self.buffered.saturating_sub(p.bytes);
         let active = self.rt.active();
-        let (Some(identity), Some(conn_stats)) = (self.identity.clone(), self.producer.clone()) else {
-            return Err(SessionError::CommandInvalid("publish before connection.open".into()));
+        let (Some(identity), Some(conn_stats)) = (self.identity.clone(), self.producer.clone())
+        else {
+            return Err(SessionError::CommandInvalid(
+                "publish before connection.open".into(),
+            ));
         };
         if active.chain.is_empty() && identity.message_sources.is_empty() {
             self.forward(ch, &p.frames, None);
@@ -555,8 +584,17 @@ impl Inbound {
         stats.record(decision.kind, p.body_size);
         match decision.verdict {
             Verdict::Forward => self.forward(ch, &p.frames, None),
-            Verdict::Divert { exchange, routing_key } => {
-                let m = reply::publish(ch, &exchange, &routing_key, publish.mandatory, publish.immediate)?;
+            Verdict::Divert {
+                exchange,
+                routing_key,
+            } => {
+                let m = reply::publish(
+                    ch,
+                    &exchange,
+                    &routing_key,
+                    publish.mandatory,
+                    publish.immediate,
+                )?;
                 self.forward(ch, &p.frames, Some(m));
             }
             Verdict::Shed { reason } => {
@@ -585,13 +623,22 @@ impl Inbound {
         }
     }
 
-    fn shed(&mut self, ch: u16, frames: &[Frame], publish: &Publish<'_>, reason: &str, active: &Active) {
+    fn shed(
+        &mut self,
+        ch: u16,
+        frames: &[Frame],
+        publish: &Publish<'_>,
+        reason: &str,
+        active: &Active,
+    ) {
         let local = self.channels.get(&ch).copied().unwrap_or_default();
         let settings = &active.config.amqp;
         if local.tx {
             self.close_channel(
                 ch,
-                &format!("PRECONDITION_FAILED - sluice: publish shed inside a transaction: {reason}"),
+                &format!(
+                    "PRECONDITION_FAILED - sluice: publish shed inside a transaction: {reason}"
+                ),
             );
             return;
         }
@@ -619,7 +666,10 @@ impl Inbound {
                 reply::nack(ch, tag, false)
             });
         } else if !returned && settings.shed_unconfirmed == ShedUnconfirmed::CloseChannel {
-            self.close_channel(ch, &format!("PRECONDITION_FAILED - sluice: publish shed: {reason}"));
+            self.close_channel(
+                ch,
+                &format!("PRECONDITION_FAILED - sluice: publish shed: {reason}"),
+            );
             return;
         }
         if !inject.is_empty() {
@@ -637,7 +687,12 @@ impl Inbound {
         }
         let _ = self.to_client.send(ToClient::Frames(
             ch,
-            vec![reply::channel_close(ch, code::PRECONDITION_FAILED, text, MethodId::BASIC_PUBLISH)],
+            vec![reply::channel_close(
+                ch,
+                code::PRECONDITION_FAILED,
+                text,
+                MethodId::BASIC_PUBLISH,
+            )],
         ));
         let up = reply::channel_close(
             ch,

@@ -53,7 +53,12 @@ impl OutQueue {
         self.seal();
         while !self.chunks.is_empty() {
             let n = {
-                let iov: Vec<IoSlice<'_>> = self.chunks.iter().take(64).map(|c| IoSlice::new(c)).collect();
+                let iov: Vec<IoSlice<'_>> = self
+                    .chunks
+                    .iter()
+                    .take(64)
+                    .map(|c| IoSlice::new(c))
+                    .collect();
                 w.write_vectored(&iov).await?
             };
             if n == 0 {
@@ -62,7 +67,9 @@ impl OutQueue {
             self.len = self.len.saturating_sub(n);
             let mut left = n;
             while left > 0 {
-                let Some(front) = self.chunks.front_mut() else { break };
+                let Some(front) = self.chunks.front_mut() else {
+                    break;
+                };
                 if front.len() <= left {
                     left -= front.len();
                     self.chunks.pop_front();

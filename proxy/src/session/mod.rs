@@ -14,8 +14,8 @@ pub mod io;
 mod outbound;
 
 use crate::protocol::amqp::frame::Frame;
-use crate::protocol::amqp::FrameError;
 use crate::protocol::amqp::wire::WireError;
+use crate::protocol::amqp::FrameError;
 use channel::ChannelState;
 use std::collections::HashMap;
 

@@ -152,7 +152,8 @@ impl Outbound {
                 self.update_blocked();
             }
             ToClient::Close(code, text) => {
-                self.out.push(&reply::connection_close(code, &text, MethodId(0, 0)).raw);
+                self.out
+                    .push(&reply::connection_close(code, &text, MethodId(0, 0)).raw);
                 self.client_closed = true;
             }
         }
@@ -161,7 +162,10 @@ impl Outbound {
     fn update_blocked(&mut self) {
         let (capable, visible) = {
             let s = self.shared.lock();
-            (s.client_blocked_capable, s.upstream_blocked || s.sluice_blocked)
+            (
+                s.client_blocked_capable,
+                s.upstream_blocked || s.sluice_blocked,
+            )
         };
         if !capable || visible == self.client_sees_blocked {
             return;
@@ -185,7 +189,10 @@ impl Outbound {
             if self.client_closed {
                 // The client is being closed: only the broker's close-ok still matters.
                 if f.kind == FrameKind::Method
-                    && matches!(method::split_id(f.payload()), Ok((MethodId::CONNECTION_CLOSE_OK, _)))
+                    && matches!(
+                        method::split_id(f.payload()),
+                        Ok((MethodId::CONNECTION_CLOSE_OK, _))
+                    )
                 {
                     self.finished = true;
                 }
@@ -288,9 +295,15 @@ impl Outbound {
                     // this way, but be transparent): forward untouched.
                     None => self.out.push(&f.raw),
                     Some(None) => {
-                        debug!(channel = ch, tag = c.tag, "confirm for no pending publish dropped")
+                        debug!(
+                            channel = ch,
+                            tag = c.tag,
+                            "confirm for no pending publish dropped"
+                        )
                     }
-                    Some(Some(t)) if !t.changed && t.multiple == c.multiple => self.out.push(&f.raw),
+                    Some(Some(t)) if !t.changed && t.multiple == c.multiple => {
+                        self.out.push(&f.raw)
+                    }
                     Some(Some(t)) => {
                         let frame = if id == MethodId::BASIC_ACK {
                             reply::ack(ch, t.tag, t.multiple)
@@ -303,13 +316,14 @@ impl Outbound {
             }
             MethodId::CHANNEL_CLOSE_OK => {
                 let mut s = self.shared.lock();
-                let sluice_closing = match s.channels.get_mut(&ch).and_then(|st| st.closing.as_mut()) {
-                    Some(cl) => {
-                        cl.upstream_ok = true;
-                        Some(cl.client_ok)
-                    }
-                    None => None,
-                };
+                let sluice_closing =
+                    match s.channels.get_mut(&ch).and_then(|st| st.closing.as_mut()) {
+                        Some(cl) => {
+                            cl.upstream_ok = true;
+                            Some(cl.client_ok)
+                        }
+                        None => None,
+                    };
                 match sluice_closing {
                     Some(client_ok) => {
                         if client_ok {

@@ -147,8 +147,12 @@ impl ProbeClient {
         let tune = c.expect(0, MethodId::CONNECTION_TUNE).await?;
         let tune = method::Tune::decode(&tune)?;
         let tune_ok = method_frame(0, MethodId::CONNECTION_TUNE_OK, |p| {
-            p.put_u16(tune.channel_max.min(16).max(1));
-            p.put_u32(if tune.frame_max == 0 { 131_072 } else { tune.frame_max.min(131_072) });
+            p.put_u16(tune.channel_max.clamp(1, 16));
+            p.put_u32(if tune.frame_max == 0 {
+                131_072
+            } else {
+                tune.frame_max.min(131_072)
+            });
             p.put_u16(0);
         });
         c.write_frame(&tune_ok).await?;
@@ -220,7 +224,9 @@ impl ProbeClient {
     async fn close_channel(&mut self, ch: u16) -> Result<(), ProbeError> {
         let close = super::reply::channel_close(ch, 200, "probe done", MethodId(0, 0));
         self.write_frame(&close).await?;
-        self.expect(ch, MethodId::CHANNEL_CLOSE_OK).await.map(|_| ())
+        self.expect(ch, MethodId::CHANNEL_CLOSE_OK)
+            .await
+            .map(|_| ())
     }
 
     async fn expect_or_not_found(

@@ -164,7 +164,8 @@ pub fn split(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, FrameE
         .ok_or(FrameError::UnknownType(0))?;
     let channel = raw
         .get(1..3)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .and_then(|c| <[u8; 2]>::try_from(c).ok())
+        .map(u16::from_be_bytes)
         .unwrap_or(0);
     Ok(Some(Frame { kind, channel, raw }))
 }
@@ -174,7 +175,9 @@ mod tests {
     use super::*;
 
     fn method_frame(channel: u16, payload: &[u8]) -> Vec<u8> {
-        Frame::encode(FrameKind::Method, channel, payload).raw.to_vec()
+        Frame::encode(FrameKind::Method, channel, payload)
+            .raw
+            .to_vec()
     }
 
     #[test]
@@ -183,7 +186,10 @@ mod tests {
         wire.extend(method_frame(2, &[0, 20, 0, 10, 0]));
         let mut buf = BytesMut::from(&wire[..wire.len() - 3]);
         let f = split(&mut buf, 4096).unwrap().unwrap();
-        assert_eq!((f.kind, f.channel, f.payload()), (FrameKind::Method, 1, &[0, 60, 0, 40][..]));
+        assert_eq!(
+            (f.kind, f.channel, f.payload()),
+            (FrameKind::Method, 1, &[0, 60, 0, 40][..])
+        );
         assert_eq!(split(&mut buf, 4096).unwrap(), None);
         buf.extend_from_slice(&wire[wire.len() - 3..]);
         let f = split(&mut buf, 4096).unwrap().unwrap();

@@ -141,7 +141,10 @@ mod tests {
             "connection_name".into(),
             AMQPValue::LongString(LongString::from("web-login")),
         );
-        props.insert("product".into(), AMQPValue::LongString(LongString::from("pika")));
+        props.insert(
+            "product".into(),
+            AMQPValue::LongString(LongString::from("pika")),
+        );
         if with_caps {
             let mut caps = RefTable::default();
             caps.insert("publisher_confirms".into(), AMQPValue::Boolean(true));
@@ -165,7 +168,10 @@ mod tests {
         let args = start_ok("PLAIN", b"\0guest\0secret", true);
         let s = StartOk::decode(&args).unwrap();
         assert_eq!(s.user().as_deref(), Some("guest"));
-        assert_eq!(s.client_property("connection_name").as_deref(), Some("web-login"));
+        assert_eq!(
+            s.client_property("connection_name").as_deref(),
+            Some("web-login")
+        );
         assert!(!s.has_capability("connection.blocked"));
         assert!(s.has_capability("publisher_confirms"));
     }

@@ -231,10 +231,16 @@ mod tests {
             h.header("task").unwrap().unwrap().as_text().unwrap(),
             "reports.rebuild"
         );
-        assert_eq!(h.header("id").unwrap().unwrap().as_text().unwrap(), "6f1c-42");
+        assert_eq!(
+            h.header("id").unwrap().unwrap().as_text().unwrap(),
+            "6f1c-42"
+        );
         assert_eq!(h.get_str(Property::AppId).unwrap().unwrap(), "hotfix-svc");
         assert_eq!(h.get_str(Property::UserId).unwrap(), None);
-        assert_eq!(h.get(Property::DeliveryMode).unwrap(), Some(PropValue::Octet(2)));
+        assert_eq!(
+            h.get(Property::DeliveryMode).unwrap(),
+            Some(PropValue::Octet(2))
+        );
         assert!(h.validate().is_ok());
     }
 

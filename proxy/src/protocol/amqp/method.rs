@@ -220,12 +220,14 @@ mod tests {
 
     #[test]
     fn publish_decodes_like_the_reference_encoder() {
-        let payload = encode(AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-            exchange: "jobs".into(),
-            routing_key: "reports".into(),
-            mandatory: true,
-            immediate: false,
-        })));
+        let payload = encode(AMQPClass::Basic(basic::AMQPMethod::Publish(
+            basic::Publish {
+                exchange: "jobs".into(),
+                routing_key: "reports".into(),
+                mandatory: true,
+                immediate: false,
+            },
+        )));
         let (id, args) = split_id(&payload).unwrap();
         assert_eq!(id, MethodId::BASIC_PUBLISH);
         let p = Publish::decode(args).unwrap();

@@ -31,7 +31,13 @@ pub fn nack(channel: u16, tag: u64, multiple: bool) -> Frame {
 }
 
 /// `basic.return`; the caller sends the original content header and body frames after it.
-pub fn basic_return(channel: u16, code: u16, text: &str, exchange: &str, routing_key: &str) -> Frame {
+pub fn basic_return(
+    channel: u16,
+    code: u16,
+    text: &str,
+    exchange: &str,
+    routing_key: &str,
+) -> Frame {
     method(channel, MethodId::BASIC_RETURN, |p| {
         p.put_u16(code);
         put_short_str_lossy(p, text);
@@ -72,7 +78,9 @@ pub fn connection_close_ok() -> Frame {
 
 /// `connection.blocked` with a reason.
 pub fn connection_blocked(reason: &str) -> Frame {
-    method(0, MethodId::CONNECTION_BLOCKED, |p| put_short_str_lossy(p, reason))
+    method(0, MethodId::CONNECTION_BLOCKED, |p| {
+        put_short_str_lossy(p, reason)
+    })
 }
 
 /// `connection.unblocked`.
@@ -128,7 +136,9 @@ mod tests {
             )
         );
         assert_eq!(
-            channel_close(2, 406, "shed", MethodId::BASIC_PUBLISH).raw.to_vec(),
+            channel_close(2, 406, "shed", MethodId::BASIC_PUBLISH)
+                .raw
+                .to_vec(),
             oracle::method_frame(
                 2,
                 AMQPClass::Channel(channel::AMQPMethod::Close(channel::Close {
@@ -149,7 +159,10 @@ mod tests {
             )
         );
         assert_eq!(
-            publish(5, "overflow", "jobs", true, false).unwrap().raw.to_vec(),
+            publish(5, "overflow", "jobs", true, false)
+                .unwrap()
+                .raw
+                .to_vec(),
             oracle::method_frame(
                 5,
                 AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {

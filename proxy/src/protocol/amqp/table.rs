@@ -66,9 +66,10 @@ impl FieldValue {
             FieldValue::F32(v) => Cow::Owned(v.to_string()),
             FieldValue::F64(v) => Cow::Owned(v.to_string()),
             FieldValue::Timestamp(v) => Cow::Owned(v.to_string()),
-            FieldValue::Decimal(..) | FieldValue::Array(_) | FieldValue::Table(_) | FieldValue::Void => {
-                return None
-            }
+            FieldValue::Decimal(..)
+            | FieldValue::Array(_)
+            | FieldValue::Table(_)
+            | FieldValue::Void => return None,
         })
     }
 }
@@ -311,7 +312,10 @@ mod tests {
 
     fn sample() -> FieldTable {
         vec![
-            ("task".into(), FieldValue::LongStr(b"reports.rebuild".to_vec())),
+            (
+                "task".into(),
+                FieldValue::LongStr(b"reports.rebuild".to_vec()),
+            ),
             ("retries".into(), FieldValue::I32(3)),
             (
                 "nested".into(),
@@ -343,7 +347,10 @@ mod tests {
             find(body, "id").unwrap().unwrap().as_text().unwrap(),
             "abc-123"
         );
-        assert_eq!(find(body, "retries").unwrap().unwrap().as_text().unwrap(), "3");
+        assert_eq!(
+            find(body, "retries").unwrap().unwrap().as_text().unwrap(),
+            "3"
+        );
         assert_eq!(find(body, "missing").unwrap(), None);
         assert!(validate(body).is_ok());
     }
