@@ -7,13 +7,13 @@ CARGO_TARGET_DIR ?= $(CURDIR)/target
 export CARGO_TARGET_DIR
 VENV ?= $(CURDIR)/.venv
 
-.PHONY: run test test-rust test-python broker venv lint
+.PHONY: run test test-rust test-python broker venv lint plugins test-plugins
 
-run: broker
+run: broker plugins
 	cargo build --release -p sluice
 	$(CARGO_TARGET_DIR)/release/sluice run -c config/sluice.toml
 
-test: broker venv
+test: broker venv plugins test-plugins
 	cargo build -p sluice
 	cargo test --workspace
 	SLUICE_BIN=$(CARGO_TARGET_DIR)/debug/sluice $(VENV)/bin/python -m pytest -q tests/python
@@ -27,3 +27,16 @@ venv:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+# Policy plugins (their own workspace, built for wasm32-wasip2) into plugins/dist/.
+PLUGINS_TARGET_DIR ?= $(CARGO_TARGET_DIR)/plugins
+
+plugins:
+	rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+	cd plugins && CARGO_TARGET_DIR=$(PLUGINS_TARGET_DIR) cargo build --release --target wasm32-wasip2
+	mkdir -p plugins/dist
+	cp $(PLUGINS_TARGET_DIR)/wasm32-wasip2/release/*.wasm plugins/dist/
+
+# The SDK's and the example policies' own tests, run natively.
+test-plugins:
+	cd plugins && CARGO_TARGET_DIR=$(PLUGINS_TARGET_DIR) cargo test

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod config;
 pub mod identity;
 pub mod listener;
+pub mod plugin;
 pub mod policy;
 pub mod protocol;
 pub mod quota;

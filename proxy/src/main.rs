@@ -37,6 +37,19 @@ enum Command {
         /// Config file.
         file: PathBuf,
     },
+    /// Work with policy plugins.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run a plugin on messages from a JSON file; print the verdicts and the counters it touched.
+    ///
+    /// Example: sluice plugin test plugins/dist/celery_task_quota.wasm --message msg.json --config cfg.json
+    Test(sluice::plugin::cli::TestArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +76,18 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { file } => rt.block_on(check(file)),
+        Command::Plugin {
+            command: PluginCommand::Test(args),
+        } => {
+            telemetry::init(LogFormat::Text);
+            match sluice::plugin::cli::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sluice: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
     }
 }
 
