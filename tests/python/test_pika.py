@@ -183,12 +183,6 @@ def test_shed_without_confirms_closes_channel_406_and_connection_stays_open(slui
     close_channel_scenario(s, broker, queue, names.producer("pika-slow"), pause=0.1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sluice bug: after closing a channel for a shed publish it drops the client's in-flight "
-    "basic.publish methods on that channel but not their content header/body frames, and closes the "
-    "whole connection with 505 'content header on channel 1 without a basic.publish before it'",
-)
 def test_shed_without_confirms_closes_channel_406_with_publishes_in_flight(sluice, broker, names):
     """A publisher as fast as pika allows: publishes cross sluice's channel.close on the wire. AMQP
     says frames on a channel being closed are discarded until close-ok; the connection must live."""

@@ -281,6 +281,13 @@ async fn run(
                     tokio::time::sleep(d).await;
                 }
                 _ => {
+                    // Refuse only after holding the attempt for max_delay, so a client that
+                    // reconnects at once after a refusal still cannot spin.
+                    let rest = active.config.tarpit.max_delay.saturating_sub(held);
+                    if held.is_zero() {
+                        stats.tarpitted.fetch_add(1, Relaxed);
+                    }
+                    tokio::time::sleep(rest).await;
                     stats.refused.fetch_add(1, Relaxed);
                     info!(producer = %pre_identity, "connection attempt refused by the tarpit");
                     let text = format!(

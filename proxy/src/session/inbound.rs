@@ -444,6 +444,15 @@ impl Inbound {
         Ok(())
     }
 
+    /// Whether sluice has closed this channel and waits for the client's close-ok.
+    fn sluice_closing(&self, ch: u16) -> bool {
+        self.shared
+            .lock()
+            .channels
+            .get(&ch)
+            .is_some_and(|c| c.closing.is_some())
+    }
+
     fn account(&mut self, bytes: u64) -> Result<(), SessionError> {
         self.buffered += bytes;
         let max = self.rt.active().config.limits.max_buffered_per_connection;
@@ -458,6 +467,11 @@ impl Inbound {
     async fn on_header(&mut self, f: Frame) -> Result<(), SessionError> {
         let ch = f.channel;
         let max = self.rt.active().config.limits.max_message_size;
+        if !self.assembling.contains_key(&ch) && self.sluice_closing(ch) {
+            // Content of a publish the client sent before it saw sluice's channel.close: the
+            // channel is closing, so (as for its method frame) every frame is discarded.
+            return Ok(());
+        }
         let Some(p) = self.assembling.get_mut(&ch) else {
             return Err(SessionError::Unexpected(format!(
                 "content header on channel {ch} without a basic.publish before it"
@@ -496,6 +510,9 @@ impl Inbound {
 
     async fn on_body(&mut self, f: Frame) -> Result<(), SessionError> {
         let ch = f.channel;
+        if !self.assembling.contains_key(&ch) && self.sluice_closing(ch) {
+            return Ok(());
+        }
         let Some(p) = self.assembling.get_mut(&ch).filter(|p| p.header_seen) else {
             return Err(SessionError::Unexpected(format!(
                 "body frame on channel {ch} without a content header before it"
