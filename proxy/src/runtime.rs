@@ -2,8 +2,10 @@
 //! connection counts and the shutdown signal.
 
 use crate::admin::Metrics;
-use crate::config::Config;
+use crate::config::{Config, Problem, Report};
+use crate::plugin::{PluginEngine, PluginShared, Policy};
 use crate::policy::chain::{Chain, QuotaStage};
+use crate::policy::PolicyStage;
 use crate::quota::Limiter;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -29,9 +31,15 @@ pub struct Active {
 }
 
 impl Active {
-    /// Build the chain and limiters of a config. Quota buckets whose quota is unchanged (same
-    /// name, match, rates and action) are carried over from `previous`.
-    pub fn build(config: Arc<Config>, previous: Option<&Active>, version: u64) -> Active {
+    /// Build the chain and limiters of a config, with its policy stages already loaded. Quota
+    /// buckets whose quota is unchanged (same name, match, rates and action) are carried over
+    /// from `previous`.
+    pub fn build(
+        config: Arc<Config>,
+        previous: Option<&Active>,
+        version: u64,
+        policies: Vec<PolicyStage>,
+    ) -> Active {
         let mut stages = Vec::with_capacity(config.quotas.len());
         for q in &config.quotas {
             let reuse = previous.and_then(|p| {
@@ -63,7 +71,7 @@ impl Active {
             .rate
             .map(|r| Arc::new(Limiter::new(Some((r, config.tarpit.burst as u64)), None)));
         Active {
-            chain: Arc::new(Chain::new(stages, config.dry_run)),
+            chain: Arc::new(Chain::new(stages, config.dry_run).with_policies(policies)),
             tarpit,
             config,
             loaded_at: SystemTime::now(),
@@ -75,6 +83,8 @@ impl Active {
 /// Shared by every task of the process.
 pub struct Runtime {
     active: ArcSwap<Active>,
+    /// The Wasm engine (made on first use) and what plugins share across reloads.
+    pub plugins: PluginHost,
     /// All metrics.
     pub metrics: Arc<Metrics>,
     /// Cancelled on SIGTERM/SIGINT.
@@ -94,12 +104,16 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// A runtime for a first config.
-    pub fn new(config: Config) -> Arc<Runtime> {
+    /// A runtime for a first config: loads its plugins (compiling them), fails with a report
+    /// when one does not load.
+    pub fn new(config: Config) -> Result<Arc<Runtime>, Report> {
         let metrics = Arc::new(Metrics::new(config.admin.max_producers));
-        let active = Active::build(Arc::new(config), None, 1);
-        Arc::new(Runtime {
+        let plugins = PluginHost::default();
+        let policies = plugins.load_policies(&config, None)?;
+        let active = Active::build(Arc::new(config), None, 1, policies);
+        Ok(Arc::new(Runtime {
             active: ArcSwap::from_pointee(active),
+            plugins,
             metrics,
             shutdown: CancellationToken::new(),
             connections: AtomicUsize::new(0),
@@ -108,7 +122,7 @@ impl Runtime {
             upstream_ready: DashMap::new(),
             last_error: parking_lot::Mutex::new(None),
             next_conn_id: AtomicU64::new(1),
-        })
+        }))
     }
 
     /// The config in force now.
@@ -116,18 +130,35 @@ impl Runtime {
         self.active.load_full()
     }
 
-    /// Swap in a new config; connections pick it up on their next publish.
-    pub fn swap(&self, config: Config) -> Arc<Active> {
+    /// Build everything a new config needs without touching the running one: plugins are
+    /// compiled (unchanged ones reused), quota buckets carried over. Blocking (compiles Wasm):
+    /// call it from a blocking thread.
+    pub fn prepare(&self, config: Config) -> Result<Active, Report> {
         let prev = self.active();
-        let next = Arc::new(Active::build(
+        let policies = self.plugins.load_policies(&config, Some(&prev))?;
+        Ok(Active::build(
             Arc::new(config),
             Some(&prev),
             prev.version + 1,
-        ));
+            policies,
+        ))
+    }
+
+    /// Make a prepared config the one in force: publishes being evaluated finish on the old
+    /// one, new ones use this one.
+    pub fn install(&self, next: Active) -> Arc<Active> {
+        let next = Arc::new(next);
         self.metrics
             .set_max_producers(next.config.admin.max_producers);
         self.active.store(next.clone());
         next
+    }
+
+    /// Prepare and install in one step (startup and tests; reloads go through
+    /// [`crate::config::reload`]).
+    pub fn swap(&self, config: Config) -> Result<Arc<Active>, Report> {
+        let next = self.prepare(config)?;
+        Ok(self.install(next))
     }
 
     /// A process-unique connection id for logs.
@@ -156,6 +187,112 @@ impl Runtime {
         };
         if remove {
             self.per_producer.remove_if(producer, |_, n| *n == 0);
+        }
+    }
+}
+
+/// The Wasm side of the runtime.
+pub struct PluginHost {
+    engine: parking_lot::Mutex<Option<Arc<PluginEngine>>>,
+    /// Token buckets, counters and broker signals that plugins share; survive reloads.
+    pub shared: Arc<PluginShared>,
+}
+
+impl Default for PluginHost {
+    fn default() -> Self {
+        PluginHost {
+            engine: parking_lot::Mutex::new(None),
+            shared: PluginShared::new(),
+        }
+    }
+}
+
+impl PluginHost {
+    /// The engine, made on first use (a config without policies never starts one).
+    pub fn engine(&self) -> Result<Arc<PluginEngine>, crate::plugin::PluginError> {
+        let mut e = self.engine.lock();
+        if let Some(engine) = &*e {
+            return Ok(engine.clone());
+        }
+        let engine = PluginEngine::new()?;
+        *e = Some(engine.clone());
+        Ok(engine)
+    }
+
+    /// Load the policy stages of `config`. A policy whose plugin file and settings are
+    /// unchanged since `prev` keeps its loaded version; a changed one is compiled anew and keeps
+    /// the version it replaces as its rollback target. Every failure is reported at its
+    /// `plugin` line.
+    pub fn load_policies(
+        &self,
+        config: &Config,
+        prev: Option<&Active>,
+    ) -> Result<Vec<PolicyStage>, Report> {
+        let mut stages = Vec::with_capacity(config.policies.len());
+        let mut problems = Vec::new();
+        for pc in &config.policies {
+            let old_cfg = prev.and_then(|p| p.config.policies.iter().find(|o| o.name == pc.name));
+            let old_stage =
+                prev.and_then(|p| p.chain.policies().iter().find(|s| s.name == pc.name));
+            let bytes = match std::fs::read(&pc.plugin) {
+                Ok(b) => b,
+                Err(e) => {
+                    problems.push(Problem {
+                        line: Some(pc.plugin_line),
+                        message: format!(
+                            "policy '{}': cannot read plugin {}: {e}",
+                            pc.name,
+                            pc.plugin.display()
+                        ),
+                    });
+                    continue;
+                }
+            };
+            let hash = crate::plugin::sha256_hex(&bytes);
+            if let (Some(oc), Some(os)) = (old_cfg, old_stage) {
+                if oc.same_load(pc) && os.policy.hash() == hash {
+                    stages.push(os.carried_over(pc.matcher.clone(), pc.dry_run, pc.max_delay));
+                    continue;
+                }
+            }
+            let engine = match self.engine() {
+                Ok(e) => e,
+                Err(e) => {
+                    problems.push(Problem {
+                        line: Some(pc.plugin_line),
+                        message: format!("policy '{}': {e}", pc.name),
+                    });
+                    continue;
+                }
+            };
+            match Policy::from_bytes(
+                &engine,
+                &pc.plugin,
+                &bytes,
+                pc.settings.clone(),
+                &self.shared,
+            ) {
+                Ok(policy) => stages.push(PolicyStage::new(
+                    pc.name.clone(),
+                    pc.matcher.clone(),
+                    policy,
+                    old_stage.map(|s| s.current().clone()),
+                    pc.dry_run,
+                    pc.max_delay,
+                )),
+                Err(e) => problems.push(Problem {
+                    line: Some(pc.plugin_line),
+                    message: e.to_string(),
+                }),
+            }
+        }
+        if problems.is_empty() {
+            Ok(stages)
+        } else {
+            Err(Report {
+                path: config.path.clone(),
+                problems,
+            })
         }
     }
 }

@@ -21,7 +21,11 @@ impl Server {
     /// Bind everything and start serving. Fails if an address cannot be bound.
     pub async fn start(config: Config) -> Result<Server, String> {
         let admin_addr = config.admin.listen;
-        let rt = Runtime::new(config);
+        // Compiling plugins blocks: keep it off the async workers.
+        let rt = tokio::task::spawn_blocking(move || Runtime::new(config))
+            .await
+            .map_err(|e| format!("loading the config: {e}"))?
+            .map_err(|report| format!("invalid config:\n{report}"))?;
         let bound = crate::listener::bind_all(&rt).await?;
         let admin_sock = tokio::net::TcpListener::bind(admin_addr)
             .await

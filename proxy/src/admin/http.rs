@@ -63,7 +63,7 @@ async fn route(rt: &Runtime, req: Request<Incoming>) -> Reply {
         (&Method::GET, "/metrics") => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            rt.metrics.render(),
+            metrics(rt),
         ),
         (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => readyz(rt),
@@ -75,6 +75,31 @@ async fn route(rt: &Runtime, req: Request<Incoming>) -> Reply {
         ),
         _ => json_reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
     }
+}
+
+/// Proxy metrics, then the plugin families of the policies in force.
+fn metrics(rt: &Runtime) -> String {
+    use std::fmt::Write;
+    let mut text = rt.metrics.render();
+    let active = rt.active();
+    let stages = active.chain.policies();
+    if !stages.is_empty() {
+        crate::plugin::render_prometheus(stages.iter().map(|s| s.current().stats()), &mut text);
+        let _ = writeln!(
+            text,
+            "# HELP sluice_policy_rollbacks_total Policies rolled back to their last good version after failing.\n\
+             # TYPE sluice_policy_rollbacks_total counter"
+        );
+        for s in stages {
+            let _ = writeln!(
+                text,
+                "sluice_policy_rollbacks_total{{policy=\"{}\"}} {}",
+                s.name.replace('\\', "\\\\").replace('"', "\\\""),
+                s.rollbacks()
+            );
+        }
+    }
+    text
 }
 
 fn readyz(rt: &Runtime) -> Reply {
@@ -153,6 +178,15 @@ fn config(rt: &Runtime) -> Reply {
                 "messages": q.messages.map(|(r, b)| json!({"rate": r.to_string(), "burst": b})),
                 "bytes": q.bytes.map(|(r, b)| json!({"rate": r.to_string(), "burst": b})),
                 "dry_run": q.dry_run,
+            })).collect::<Vec<_>>(),
+            "policies": a.chain.policies().iter().map(|p| json!({
+                "name": &*p.name,
+                "plugin": p.policy.path().display().to_string(),
+                "hash": p.policy.hash(),
+                "running_hash": p.current().hash(),
+                "rolled_back": p.is_rolled_back(),
+                "disabled": p.current().stats().is_disabled(),
+                "dry_run": p.dry_run,
             })).collect::<Vec<_>>(),
             "source": &*a.config.source,
         }),

@@ -2,6 +2,7 @@
 //! immutable [`Config`] the running proxy uses ([`validate`]).
 
 pub mod model;
+pub mod policies;
 pub mod targets;
 pub mod units;
 pub mod validate;

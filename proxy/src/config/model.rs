@@ -32,6 +32,9 @@ pub struct ConfigFile {
     /// Rate quotas.
     #[serde(default, rename = "quota")]
     pub quotas: Vec<QuotaFile>,
+    /// `[[policy]]` tables, in file order.
+    #[serde(default, rename = "policy")]
+    pub policies: Vec<PolicyFile>,
 }
 
 /// `[admin]`
@@ -217,4 +220,34 @@ pub struct DivertFile {
     pub burst: Option<u64>,
     /// What to do past the divert's own rate (default `{ delay = "1s" }`, then shed).
     pub then: Option<Box<ActionFile>>,
+}
+
+/// `[[policy]]`: a Wasm plugin in the chain, after the quotas.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Unique name: metric label and namespace of the plugin's buckets and counters.
+    pub name: Spanned<String>,
+    /// Path of the `.wasm` component, relative to the config file.
+    pub plugin: Spanned<String>,
+    /// Which publishes the policy sees (globs, like a quota's).
+    #[serde(default, rename = "match")]
+    pub matches: MatchFile,
+    /// Handed to the plugin's `init` as JSON.
+    pub config: Option<Spanned<toml::Value>>,
+    /// "open" (forward) or "closed" (shed) when the plugin fails.
+    pub fail: Option<Spanned<String>>,
+    /// Count "would" verdicts, forward everything.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Per-call time budget, e.g. "5ms".
+    pub time_budget: Option<Spanned<String>>,
+    /// Linear memory cap, e.g. "16MiB".
+    pub memory_limit: Option<Spanned<String>>,
+    /// Errors within `error_window` that disable the policy (and roll it back after a reload).
+    pub max_errors: Option<u32>,
+    /// Window for `max_errors`, e.g. "60s".
+    pub error_window: Option<Spanned<String>>,
+    /// Longest hold the policy's delay verdicts may cause; past it the publish is shed.
+    pub max_delay: Option<Spanned<String>>,
 }

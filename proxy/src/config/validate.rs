@@ -204,6 +204,8 @@ pub struct Config {
     pub amqp: AmqpSettings,
     /// Quotas in file order.
     pub quotas: Vec<QuotaConfig>,
+    /// Wasm policies in file order (after the quotas).
+    pub policies: Vec<super::policies::PolicyConfig>,
 }
 
 /// Read and validate a file.
@@ -218,13 +220,13 @@ pub fn load(path: &Path) -> Result<Config, Report> {
     parse(&text, path)
 }
 
-struct Ctx<'a> {
-    src: &'a str,
-    problems: Vec<Problem>,
+pub(super) struct Ctx<'a> {
+    pub(super) src: &'a str,
+    pub(super) problems: Vec<Problem>,
 }
 
 impl Ctx<'_> {
-    fn line_of(&self, offset: usize) -> usize {
+    pub(super) fn line_of(&self, offset: usize) -> usize {
         self.src
             .as_bytes()
             .get(..offset.min(self.src.len()))
@@ -232,7 +234,7 @@ impl Ctx<'_> {
             .unwrap_or(1)
     }
 
-    fn at<T>(&mut self, s: &Spanned<T>, message: impl Into<String>) {
+    pub(super) fn at<T>(&mut self, s: &Spanned<T>, message: impl Into<String>) {
         let line = self.line_of(s.span().start);
         self.problems.push(Problem {
             line: Some(line),
@@ -240,7 +242,12 @@ impl Ctx<'_> {
         });
     }
 
-    fn duration(&mut self, s: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
+    pub(super) fn duration(
+        &mut self,
+        s: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
         match s {
             None => default,
             Some(v) => parse_duration(v.get_ref()).unwrap_or_else(|e| {
@@ -250,7 +257,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn size(&mut self, s: &Option<Spanned<String>>, key: &str, default: u64) -> u64 {
+    pub(super) fn size(&mut self, s: &Option<Spanned<String>>, key: &str, default: u64) -> u64 {
         match s {
             None => default,
             Some(v) => parse_size(v.get_ref()).unwrap_or_else(|e| {
@@ -614,6 +621,7 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
         limits,
         tarpit,
         amqp,
+        policies: super::policies::build(&file.policies, &quota_names, path, cx),
         quotas,
     }
 }

@@ -33,8 +33,8 @@ mod wasi;
 
 pub use error::{ErrorKind, PluginError};
 pub use host::PluginEngine;
-pub use limits::{FailMode, PolicySettings};
-pub use policy::Policy;
+pub use limits::{FailMode, PolicySettings, MAX_MEMORY};
+pub use policy::{sha256_hex, Policy};
 pub use shared::PluginShared;
 pub use signals::{BrokerSignals, Signals};
 pub use stats::{render_prometheus, PolicyStats};

@@ -471,7 +471,8 @@ fn find_exports(component: &Component) -> Option<Exports> {
     })
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// Hex SHA-256 of a plugin's bytes: its version identity.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     let mut s = String::with_capacity(64);
     for b in digest {

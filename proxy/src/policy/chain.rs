@@ -1,17 +1,19 @@
-//! The policy chain every publish walks: quotas in file order (plugins follow them). The first
-//! stage that does not pass decides. Evaluation is a pure state machine: it never sleeps, it
+//! The policy chain every publish walks: quotas in file order, then Wasm policies in file order.
+//! The first stage that does not pass decides. Evaluation is a pure state machine: it never sleeps, it
 //! returns [`Step::Wait`] and the protocol adapter holds the publish, then resumes.
 
 use super::glob::Glob;
+use super::plugin_stage::PolicyStage;
 use super::verdict::{ActionSpec, Verdict, VerdictKind};
 use crate::config::units::Rate;
+use crate::plugin::{MessageFacts, PluginVerdict};
 use crate::quota::{Admission, Limiter};
 use governor::clock::{Clock, DefaultClock};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The facts about one publish that quotas match on.
-#[derive(Debug, Clone, Copy)]
+/// The facts about one publish that quotas match on, and the full view plugins read.
+#[derive(Clone, Copy)]
 pub struct PublishView<'a> {
     /// Producer identity.
     pub producer: &'a Arc<str>,
@@ -23,6 +25,8 @@ pub struct PublishView<'a> {
     pub routing_key: &'a str,
     /// Body size in bytes.
     pub size: u64,
+    /// Everything else about the message, read by policies on request.
+    pub facts: Option<&'a (dyn MessageFacts + Sync)>,
 }
 
 /// Which publishes a quota applies to.
@@ -132,6 +136,15 @@ impl EvalState {
     pub fn held(&self) -> Duration {
         self.held
     }
+
+    fn done(&mut self, verdict: Verdict, kind: VerdictKind, by: Option<Arc<str>>) -> Step {
+        Step::Done(Decision {
+            verdict,
+            kind,
+            by,
+            would: std::mem::take(&mut self.would),
+        })
+    }
 }
 
 enum Gate {
@@ -143,13 +156,24 @@ enum Gate {
 /// The ordered stages of one config.
 pub struct Chain<C: Clock = DefaultClock> {
     quotas: Vec<QuotaStage<C>>,
+    policies: Vec<PolicyStage>,
     dry_run: bool,
 }
 
 impl<C: Clock + Clone> Chain<C> {
     /// A chain of quotas; `dry_run` makes every stage count instead of act.
     pub fn new(quotas: Vec<QuotaStage<C>>, dry_run: bool) -> Self {
-        Chain { quotas, dry_run }
+        Chain {
+            quotas,
+            policies: Vec::new(),
+            dry_run,
+        }
+    }
+
+    /// The same chain with policy stages after the quotas.
+    pub fn with_policies(mut self, policies: Vec<PolicyStage>) -> Self {
+        self.policies = policies;
+        self
     }
 
     /// The quota stages.
@@ -157,9 +181,14 @@ impl<C: Clock + Clone> Chain<C> {
         &self.quotas
     }
 
+    /// The policy stages.
+    pub fn policies(&self) -> &[PolicyStage] {
+        &self.policies
+    }
+
     /// Whether no stage can ever act (the fast path skips evaluation entirely).
     pub fn is_empty(&self) -> bool {
-        self.quotas.is_empty()
+        self.quotas.is_empty() && self.policies.is_empty()
     }
 
     /// Evaluate (or resume evaluating) a publish.
@@ -185,27 +214,71 @@ impl<C: Clock + Clone> Chain<C> {
                     st.held += d;
                     return Step::Wait(d);
                 }
-                Gate::Final(verdict, kind) => {
-                    return Step::Done(Decision {
-                        verdict,
-                        kind,
-                        by: Some(q.name.clone()),
-                        would: std::mem::take(&mut st.would),
-                    })
-                }
+                Gate::Final(verdict, kind) => return st.done(verdict, kind, Some(q.name.clone())),
             }
+        }
+        while let Some(p) = self.policies.get(st.stage - self.quotas.len()) {
+            let Some(facts) = v.facts.filter(|_| p.matcher.matches(v)) else {
+                st.stage += 1;
+                continue;
+            };
+            let (verdict, kind) = match p.evaluate(facts).verdict {
+                PluginVerdict::Forward => {
+                    st.stage += 1;
+                    continue;
+                }
+                PluginVerdict::Delay(d)
+                    if st.held + d <= p.max_delay || p.dry_run || self.dry_run =>
+                {
+                    if p.dry_run || self.dry_run {
+                        st.would.push((VerdictKind::WouldDelay, p.name.clone()));
+                        st.stage += 1;
+                        continue;
+                    }
+                    let d = d.max(Duration::from_micros(50));
+                    st.held += d;
+                    return Step::Wait(d);
+                }
+                PluginVerdict::Delay(_) => (
+                    Verdict::Shed {
+                        reason: format!("held longer than policy '{}' allows", p.name).into(),
+                    },
+                    VerdictKind::Shed,
+                ),
+                PluginVerdict::Shed(reason) => (
+                    Verdict::Shed {
+                        reason: if reason.is_empty() {
+                            format!("shed by policy '{}'", p.name).into()
+                        } else {
+                            reason.into()
+                        },
+                    },
+                    VerdictKind::Shed,
+                ),
+                PluginVerdict::Divert {
+                    exchange,
+                    routing_key,
+                } => (
+                    Verdict::Divert {
+                        exchange: exchange.into(),
+                        routing_key,
+                    },
+                    VerdictKind::Divert,
+                ),
+            };
+            if p.dry_run || self.dry_run {
+                st.would.push((kind.would(), p.name.clone()));
+                st.stage += 1;
+                continue;
+            }
+            return st.done(verdict, kind, Some(p.name.clone()));
         }
         let kind = if st.held.is_zero() {
             VerdictKind::Forward
         } else {
             VerdictKind::Delay
         };
-        Step::Done(Decision {
-            verdict: Verdict::Forward,
-            kind,
-            by: None,
-            would: std::mem::take(&mut st.would),
-        })
+        st.done(Verdict::Forward, kind, None)
     }
 
     fn apply(
@@ -287,6 +360,7 @@ mod tests {
             exchange: "",
             routing_key: "celery",
             size: 2048,
+            facts: None,
         }
     }
 

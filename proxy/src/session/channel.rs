@@ -2,6 +2,7 @@
 //! and whether sluice is closing the channel on the client's behalf.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 /// Delivery-tag translation for one channel in confirm mode.
 ///
@@ -14,8 +15,8 @@ use std::collections::VecDeque;
 pub struct ConfirmMap {
     next_client: u64,
     next_upstream: u64,
-    /// (upstream tag, client tag), ascending.
-    pending: VecDeque<(u64, u64)>,
+    /// (upstream tag, client tag, forwarded at), ascending.
+    pending: VecDeque<(u64, u64, Instant)>,
 }
 
 /// A broker confirm, translated for the client.
@@ -27,6 +28,8 @@ pub struct Translated {
     pub multiple: bool,
     /// Whether the frame differs from the broker's (so it must be re-encoded).
     pub changed: bool,
+    /// When the (last) confirmed publish was forwarded: confirm latency.
+    pub sent: Instant,
 }
 
 impl ConfirmMap {
@@ -42,7 +45,8 @@ impl ConfirmMap {
     /// A publish is forwarded: returns its client tag.
     pub fn forwarded(&mut self) -> u64 {
         let c = self.next_client;
-        self.pending.push_back((self.next_upstream, c));
+        self.pending
+            .push_back((self.next_upstream, c, Instant::now()));
         self.next_client += 1;
         self.next_upstream += 1;
         c
@@ -68,28 +72,30 @@ impl ConfirmMap {
             // them all (shed tags in between were already nacked, so the client no longer
             // waits for them).
             let mut last = None;
-            while let Some(&(u, c)) = self.pending.front() {
+            while let Some(&(u, c, at)) = self.pending.front() {
                 if u > upstream_tag {
                     break;
                 }
-                last = Some(c);
+                last = Some((c, at));
                 self.pending.pop_front();
             }
-            return last.map(|c| Translated {
+            return last.map(|(c, sent)| Translated {
                 tag: c,
                 multiple: true,
                 changed: c != upstream_tag,
+                sent,
             });
         }
         let i = self
             .pending
-            .binary_search_by_key(&upstream_tag, |&(u, _)| u)
+            .binary_search_by_key(&upstream_tag, |&(u, _, _)| u)
             .ok()?;
-        let (_, c) = self.pending.remove(i)?;
+        let (_, c, sent) = self.pending.remove(i)?;
         Some(Translated {
             tag: c,
             multiple: false,
             changed: c != upstream_tag,
+            sent,
         })
     }
 }
@@ -126,28 +132,19 @@ mod tests {
         assert_eq!(m.forwarded(), 3); // upstream 2
         assert_eq!(m.forwarded(), 4); // upstream 3
         assert_eq!(
-            m.translate(1, false),
-            Some(Translated {
-                tag: 1,
-                multiple: false,
-                changed: false
-            })
+            m.translate(1, false)
+                .map(|t| (t.tag, t.multiple, t.changed)),
+            Some((1, false, false))
         );
         assert_eq!(
-            m.translate(3, false),
-            Some(Translated {
-                tag: 4,
-                multiple: false,
-                changed: true
-            })
+            m.translate(3, false)
+                .map(|t| (t.tag, t.multiple, t.changed)),
+            Some((4, false, true))
         );
         assert_eq!(
-            m.translate(2, false),
-            Some(Translated {
-                tag: 3,
-                multiple: false,
-                changed: true
-            })
+            m.translate(2, false)
+                .map(|t| (t.tag, t.multiple, t.changed)),
+            Some((3, false, true))
         );
         assert_eq!(m.unconfirmed(), 0);
     }
@@ -164,7 +161,7 @@ mod tests {
         assert_eq!((t.tag, t.multiple), (4, true));
         assert_eq!(m.unconfirmed(), 1);
         // A multiple confirm that covers nothing pending is dropped.
-        assert_eq!(m.translate(2, true), None);
+        assert!(m.translate(2, true).is_none());
         assert_eq!(m.translate(3, true).unwrap().tag, 5);
     }
 

@@ -3,6 +3,7 @@
 //! forwarded, diverted (method re-encoded), held (reads paced) or shed (signalled to the client).
 
 use super::channel::{ChannelState, ConfirmMap, SluiceClose};
+use super::facts::AmqpMessage;
 use super::io::OutQueue;
 use super::{SessionError, Shared, ToClient};
 use crate::admin::{ListenerStats, ProducerStats};
@@ -69,7 +70,8 @@ pub(super) struct Inbound {
     out: OutQueue,
     last_upstream_write: Instant,
     to_client: UnboundedSender<ToClient>,
-    facts: ConnFacts,
+    facts: Arc<ConnFacts>,
+    peer: SocketAddr,
     handshake_deadline: Instant,
     shutdown: CancellationToken,
     conn_done: CancellationToken,
@@ -139,7 +141,7 @@ impl Inbound {
         upstream: OwnedWriteHalf,
         to_client: UnboundedSender<ToClient>,
         facts: ConnFacts,
-        _peer: SocketAddr,
+        peer: SocketAddr,
         handshake_deadline: std::time::Instant,
         shutdown: CancellationToken,
         conn_done: CancellationToken,
@@ -155,7 +157,8 @@ impl Inbound {
             out: OutQueue::default(),
             last_upstream_write: Instant::now(),
             to_client,
-            facts,
+            facts: Arc::new(facts),
+            peer,
             handshake_deadline: handshake_deadline.into(),
             shutdown,
             conn_done,
@@ -424,7 +427,7 @@ impl Inbound {
             }
             MethodId::CONNECTION_OPEN => {
                 let vhost = method::decode_open_vhost(args)?;
-                self.facts.vhost = Some(vhost.to_string());
+                Arc::make_mut(&mut self.facts).vhost = Some(vhost.to_string());
                 let active = self.rt.active();
                 let identity = active.config.identity.for_connection(&self.facts);
                 tracing::Span::current().record("producer", &*identity.name);
@@ -567,13 +570,24 @@ impl Inbound {
         } else {
             self.rt.metrics.producer(&self.listener.name, &producer)
         };
-        let vhost = self.facts.vhost.clone().unwrap_or_default();
+        let conn_facts = self.facts.clone();
+        let vhost = conn_facts.vhost.as_deref().unwrap_or("/");
+        let message = AmqpMessage {
+            producer: &producer,
+            conn: &conn_facts,
+            peer: self.peer,
+            exchange: publish.exchange,
+            routing_key: publish.routing_key,
+            header: &header,
+            body: p.frames.get(2..).unwrap_or_default(),
+        };
         let view = PublishView {
             producer: &producer,
-            vhost: &vhost,
+            vhost,
             exchange: publish.exchange,
             routing_key: publish.routing_key,
             size: p.body_size,
+            facts: Some(&message),
         };
         let mut st = EvalState::default();
         let decision = loop {

@@ -9,6 +9,7 @@
 
 pub mod channel;
 pub mod connection;
+mod facts;
 mod inbound;
 pub mod io;
 mod outbound;

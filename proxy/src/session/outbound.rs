@@ -28,7 +28,7 @@ enum Content {
 }
 
 pub(super) struct Outbound {
-    _rt: Arc<Runtime>,
+    rt: Arc<Runtime>,
     _listener: Arc<ListenerConfig>,
     stats: Arc<ListenerStats>,
     shared: Arc<Mutex<Shared>>,
@@ -63,7 +63,7 @@ impl Outbound {
         conn_done: CancellationToken,
     ) -> Self {
         Outbound {
-            _rt: rt,
+            rt,
             _listener: listener,
             stats,
             shared,
@@ -91,6 +91,7 @@ impl Outbound {
         let _ = self.out.flush(&mut self.client).await;
         if self.upstream_blocked {
             self.stats.upstream_blocked.fetch_sub(1, Relaxed);
+            self.rt.plugins.shared.signals().add_blocked_connections(-1);
         }
         let _ = self.client.shutdown().await;
         self.conn_done.cancel();
@@ -253,6 +254,7 @@ impl Outbound {
                     warn!(reason, "broker blocked the connection");
                     if !self.upstream_blocked {
                         self.stats.upstream_blocked.fetch_add(1, Relaxed);
+                        self.rt.plugins.shared.signals().add_blocked_connections(1);
                     }
                     self.upstream_blocked = true;
                     self.shared.lock().upstream_blocked = true;
@@ -262,6 +264,7 @@ impl Outbound {
                     info!("broker unblocked the connection");
                     if self.upstream_blocked {
                         self.stats.upstream_blocked.fetch_sub(1, Relaxed);
+                        self.rt.plugins.shared.signals().add_blocked_connections(-1);
                     }
                     self.upstream_blocked = false;
                     self.shared.lock().upstream_blocked = false;
@@ -290,6 +293,13 @@ impl Outbound {
                         .and_then(|st| st.confirms.as_mut())
                         .map(|m| m.translate(c.tag, c.multiple))
                 };
+                if let Some(Some(t)) = &t {
+                    self.rt
+                        .plugins
+                        .shared
+                        .signals()
+                        .record_confirm(t.sent.elapsed(), id == MethodId::BASIC_ACK);
+                }
                 match t {
                     // Not a channel sluice tracks confirms on (e.g. consumer acks never come
                     // this way, but be transparent): forward untouched.
