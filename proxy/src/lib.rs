@@ -15,6 +15,7 @@ pub mod plugin;
 pub mod policy;
 pub mod protocol;
 pub mod quota;
+pub mod reload;
 pub mod runtime;
 pub mod server;
 pub mod session;

@@ -1,46 +1,42 @@
 //! Accept loops, one per `[[listener]]`, plus the upstream readiness probe.
 
-use crate::config::validate::ListenerConfig;
 use crate::protocol::amqp::client::ProbeClient;
 use crate::runtime::Runtime;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-/// Bind every listener of the active config. Errors name the address that could not be bound.
-pub async fn bind_all(
-    rt: &Arc<Runtime>,
-) -> Result<Vec<(Arc<ListenerConfig>, TcpListener)>, String> {
-    let mut out = Vec::new();
-    for l in &rt.active().config.listeners {
-        let sock = TcpListener::bind(l.listen)
-            .await
-            .map_err(|e| format!("listener '{}': cannot bind {}: {e}", l.name, l.listen))?;
-        info!(listener = %l.name, listen = %sock.local_addr().map(|a| a.to_string()).unwrap_or_default(), upstream = %l.upstream.addr, "listening");
-        out.push((Arc::new(l.clone()), sock));
-    }
-    Ok(out)
-}
-
-/// Accept clients until shutdown; each connection runs in its own task.
-pub async fn accept_loop(rt: Arc<Runtime>, listener: Arc<ListenerConfig>, sock: TcpListener) {
+/// Accept clients until shutdown or `stop` (the listener moved or was removed); each connection
+/// runs in its own task with the listener's settings as they are when it is accepted.
+pub async fn accept_loop(
+    rt: Arc<Runtime>,
+    name: Arc<str>,
+    sock: TcpListener,
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
-            _ = rt.shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             r = sock.accept() => match r {
                 Ok((stream, peer)) => {
-                    tokio::spawn(crate::session::connection::serve(rt.clone(), listener.clone(), stream, peer));
+                    let active = rt.active();
+                    let Some(listener) = active.config.listeners.iter().find(|l| l.name == name) else {
+                        break;
+                    };
+                    let listener = Arc::new(listener.clone());
+                    tokio::spawn(crate::session::connection::serve(rt.clone(), listener, stream, peer));
                 }
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.
-                    error!(listener = %listener.name, error = %e, "accept failed");
+                    error!(listener = %name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
     }
-    info!(listener = %listener.name, "stopped accepting");
+    info!(listener = %name, "stopped accepting");
 }
 
 /// Probe each listener's upstream every `every`: log in with sluice's own credentials. The

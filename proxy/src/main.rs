@@ -100,50 +100,65 @@ async fn check(file: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The same checks a reload runs: divert targets (when the broker answers) and every
+    // plugin compiled and initialised with its config.
     let targets = config::targets::check_divert_targets(&cfg).await;
     for w in &targets.skipped {
         eprintln!("warning: {w}");
     }
-    if !targets.problems.is_empty() {
+    let mut problems = targets.problems;
+    let cfg = std::sync::Arc::new(cfg);
+    let plugins_cfg = cfg.clone();
+    let loaded = tokio::task::spawn_blocking(move || {
+        sluice::runtime::PluginHost::default().load_policies(&plugins_cfg, None)
+    })
+    .await;
+    match loaded {
+        Ok(Ok(_)) => {}
+        Ok(Err(report)) => problems.extend(report.problems),
+        Err(e) => problems.push(config::Problem {
+            line: None,
+            message: format!("loading plugins failed: {e}"),
+        }),
+    }
+    if !problems.is_empty() {
+        problems.sort_by_key(|p| p.line.unwrap_or(0));
         let report = config::Report {
             path: file.clone(),
-            problems: targets.problems,
+            problems,
         };
         eprintln!("{report}");
         eprintln!("{}: {} problem(s)", file.display(), report.problems.len());
         return ExitCode::from(1);
     }
     println!(
-        "{}: ok ({} listener(s), {} quota(s))",
+        "{}: ok ({} listener(s), {} quota(s), {} policy(ies))",
         file.display(),
         cfg.listeners.len(),
-        cfg.quotas.len()
+        cfg.quotas.len(),
+        cfg.policies.len()
     );
     ExitCode::SUCCESS
 }
 
 async fn run(path: PathBuf) -> anyhow::Result<()> {
-    let cfg = config::load(&path).map_err(|r| anyhow::anyhow!("invalid config:\n{r}"))?;
-    let targets = config::targets::check_divert_targets(&cfg).await;
-    for w in &targets.skipped {
-        tracing::warn!("{w}");
-    }
-    if !targets.problems.is_empty() {
-        let report = config::Report {
-            path: path.clone(),
-            problems: targets.problems,
-        };
-        anyhow::bail!("invalid config:\n{report}");
-    }
-    let server = sluice::Server::start(cfg)
+    use tokio::signal::unix::{signal, SignalKind};
+    let server = sluice::Server::start_file(&path)
         .await
         .map_err(anyhow::Error::msg)
         .context("starting")?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading {}", path.display());
+                // The outcome is logged and counted by the reload task.
+                let _ = server.reload().await;
+            }
+        }
     }
     server.shutdown(Duration::from_secs(10)).await;
     Ok(())

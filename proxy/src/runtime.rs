@@ -98,6 +98,8 @@ pub struct Runtime {
     pub start_cache: DashMap<Arc<str>, Bytes>,
     /// Whether each listener's upstream answered the last probe.
     pub upstream_ready: DashMap<Arc<str>, bool>,
+    /// Where reload requests go (set when sluice runs from a config file).
+    pub reload: std::sync::OnceLock<crate::reload::Handle>,
     /// The last reload error, if the last reload failed.
     pub last_error: parking_lot::Mutex<Option<String>>,
     next_conn_id: AtomicU64,
@@ -120,6 +122,7 @@ impl Runtime {
             per_producer: DashMap::new(),
             start_cache: DashMap::new(),
             upstream_ready: DashMap::new(),
+            reload: std::sync::OnceLock::new(),
             last_error: parking_lot::Mutex::new(None),
             next_conn_id: AtomicU64::new(1),
         }))

@@ -1,8 +1,10 @@
 //! Starting and stopping a whole sluice: listeners, admin API, background tasks.
 
-use crate::config::Config;
+use crate::config::{self, Config};
+use crate::reload::{self, Listeners};
 use crate::runtime::Runtime;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,31 +20,59 @@ pub struct Server {
 }
 
 impl Server {
-    /// Bind everything and start serving. Fails if an address cannot be bound.
+    /// Bind everything and start serving a config that did not come from a file (tests,
+    /// embedding): reload requests are refused. Fails if an address cannot be bound or a plugin
+    /// does not load.
     pub async fn start(config: Config) -> Result<Server, String> {
+        Self::start_inner(config, None).await
+    }
+
+    /// Load the config file (divert targets checked, plugins compiled), start serving, and
+    /// reload on `SIGHUP`-style requests ([`Server::reload`]), `POST /v1/reload` and changes of
+    /// the file or its plugins.
+    pub async fn start_file(path: &Path) -> Result<Server, String> {
+        let cfg = config::load(path).map_err(|r| format!("invalid config:\n{r}"))?;
+        let targets = config::targets::check_divert_targets(&cfg).await;
+        for w in &targets.skipped {
+            tracing::warn!("{w}");
+        }
+        if !targets.problems.is_empty() {
+            let report = config::Report {
+                path: path.to_path_buf(),
+                problems: targets.problems,
+            };
+            return Err(format!("invalid config:\n{report}"));
+        }
+        Self::start_inner(cfg, Some(path.to_path_buf())).await
+    }
+
+    async fn start_inner(config: Config, path: Option<PathBuf>) -> Result<Server, String> {
         let admin_addr = config.admin.listen;
         // Compiling plugins blocks: keep it off the async workers.
         let rt = tokio::task::spawn_blocking(move || Runtime::new(config))
             .await
             .map_err(|e| format!("loading the config: {e}"))?
             .map_err(|report| format!("invalid config:\n{report}"))?;
-        let bound = crate::listener::bind_all(&rt).await?;
+        let bound = Listeners::bind_all(&rt, &rt.active().config).await?;
         let admin_sock = tokio::net::TcpListener::bind(admin_addr)
             .await
             .map_err(|e| format!("admin: cannot bind {admin_addr}: {e}"))?;
         let admin = admin_sock.local_addr().map_err(|e| e.to_string())?;
-        let mut listeners = Vec::new();
+        let listeners = bound.addrs();
         let mut tasks = Vec::new();
-        for (l, sock) in bound {
-            listeners.push((
-                l.name.clone(),
-                sock.local_addr().map_err(|e| e.to_string())?,
-            ));
-            tasks.push(tokio::spawn(crate::listener::accept_loop(
+        if let Some(path) = path {
+            let handle = reload::spawn(rt.clone(), path.clone(), bound);
+            let _ = rt.reload.set(handle.clone());
+            tasks.push(tokio::spawn(reload::watch(
                 rt.clone(),
-                l,
-                sock,
+                path,
+                handle,
+                Duration::from_millis(500),
+                Duration::from_millis(200),
             )));
+        } else {
+            // No file to reload from: the accept loops run until shutdown.
+            drop(bound);
         }
         tasks.push(tokio::spawn(crate::admin::http::serve(
             rt.clone(),
@@ -59,6 +89,16 @@ impl Server {
             admin,
             tasks,
         })
+    }
+
+    /// Reload the config file now (what `SIGHUP` does).
+    pub async fn reload(&self) -> reload::Outcome {
+        match self.rt.reload.get() {
+            Some(h) => h.reload(reload::Trigger::Signal).await,
+            None => reload::Outcome::Rejected {
+                reasons: "sluice was not started from a config file".into(),
+            },
+        }
     }
 
     /// The address a listener is bound to (useful with port 0).

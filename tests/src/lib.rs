@@ -82,6 +82,23 @@ impl Sluice {
         })
     }
 
+    /// Start sluice from a config file (reload enabled: file watch, [`Sluice::reload`] and
+    /// `POST /v1/reload`). The file must define the `amqp` listener.
+    pub async fn start_file(path: &std::path::Path) -> Result<Sluice> {
+        let server = sluice::Server::start_file(path)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let addr = server
+            .listener_addr("amqp")
+            .context("listener amqp not bound")?;
+        let admin = server.admin_addr();
+        Ok(Sluice {
+            url: format!("amqp://guest:guest@{addr}/%2f"),
+            admin,
+            server: Some(server),
+        })
+    }
+
     /// The running server (runtime, metrics).
     pub fn server(&self) -> &sluice::Server {
         match &self.server {

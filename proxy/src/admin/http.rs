@@ -1,4 +1,5 @@
-//! The admin HTTP API (hyper): `/metrics`, `/healthz`, `/readyz`, `/v1/producers`, `/v1/config`.
+//! The admin HTTP API (hyper): `/metrics`, `/healthz`, `/readyz`, `/v1/producers`, `/v1/config`,
+//! `POST /v1/reload`.
 
 use crate::runtime::Runtime;
 use bytes::Bytes;
@@ -69,7 +70,11 @@ async fn route(rt: &Runtime, req: Request<Incoming>) -> Reply {
         (&Method::GET, "/readyz") => readyz(rt),
         (&Method::GET, "/v1/producers") => producers(rt),
         (&Method::GET, "/v1/config") => config(rt),
-        (_, "/metrics" | "/healthz" | "/readyz" | "/v1/producers" | "/v1/config") => json_reply(
+        (&Method::POST, "/v1/reload") => reload(rt).await,
+        (
+            _,
+            "/metrics" | "/healthz" | "/readyz" | "/v1/producers" | "/v1/config" | "/v1/reload",
+        ) => json_reply(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "method not allowed"}),
         ),
@@ -100,6 +105,31 @@ fn metrics(rt: &Runtime) -> String {
         }
     }
     text
+}
+
+/// `POST /v1/reload`: reload the config file now; the reply says applied or why not.
+async fn reload(rt: &Runtime) -> Reply {
+    use crate::reload::{Outcome, Trigger};
+    let Some(handle) = rt.reload.get() else {
+        return json_reply(
+            StatusCode::CONFLICT,
+            json!({"result": "error", "error": "sluice was not started from a config file"}),
+        );
+    };
+    match handle.reload(Trigger::Api).await {
+        Outcome::Applied { version } => json_reply(
+            StatusCode::OK,
+            json!({"result": "applied", "version": version}),
+        ),
+        Outcome::Unchanged { version } => json_reply(
+            StatusCode::OK,
+            json!({"result": "unchanged", "version": version}),
+        ),
+        Outcome::Rejected { reasons } => json_reply(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"result": "error", "errors": reasons.lines().collect::<Vec<_>>(), "version": rt.active().version}),
+        ),
+    }
 }
 
 fn readyz(rt: &Runtime) -> Reply {
