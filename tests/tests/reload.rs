@@ -456,3 +456,82 @@ async fn dry_run_would_shed_matches_what_enforce_sheds_on_the_same_flood() -> Re
     s.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_policy_failing_right_after_a_reload_is_rolled_back_to_the_last_good_version(
+) -> Result<()> {
+    let good = plugin("celery_task_quota")?;
+    let bad = plugin("hostile_trap")?;
+    let stage = |wasm: &str| {
+        format!(
+            "[[policy]]\nname = \"guard\"\nplugin = \"{wasm}\"\nfail = \"open\"\nmax_errors = 3\n\
+             config = {{ limits = [{{ match = \"reports.*\", rate = \"5/s burst 5\" }}] }}\n"
+        )
+    };
+    let cfg = ConfigFile::new(&stage(&good))?;
+    let s = Sluice::start_file(&cfg.path).await?;
+    // The new version traps on every message routed to "panic".
+    cfg.write(&stage(&bad).replace(
+        "config = { limits = [{ match = \"reports.*\", rate = \"5/s burst 5\" }] }\n",
+        "",
+    ))?;
+    let (status, reply) = reload(&s).await?;
+    ensure!(status == 200, "{reply}");
+
+    let conn = connect(&s.url, "rollback-pub").await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let publish = |task: &'static str| {
+        let ch = ch.clone();
+        async move {
+            let mut headers = FieldTable::default();
+            headers.insert("task".into(), AMQPValue::LongString(task.into()));
+            // amq.topic with no binding: the broker drops it, but still confirms.
+            let c = ch
+                .basic_publish(
+                    "amq.topic".into(),
+                    "panic".into(),
+                    BasicPublishOptions::default(),
+                    b"{}",
+                    BasicProperties::default().with_headers(headers),
+                )
+                .await?
+                .await?;
+            anyhow::Ok(c.is_ack())
+        }
+    };
+    // Failing open: every message passes while the bad version traps.
+    for _ in 0..5 {
+        ensure!(
+            publish("reports.rebuild").await?,
+            "fail-open policy must forward"
+        );
+    }
+    let (_, body) = s.admin_get("/v1/config").await?;
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let p = &v["policies"][0];
+    ensure!(p["rolled_back"] == true, "policy not rolled back: {p}");
+    ensure!(
+        p["running_hash"] != p["hash"],
+        "rolled back but still running the failing version: {p}"
+    );
+    let m = s.admin_get("/metrics").await?.1;
+    ensure!(
+        sluice_tests::sum_metric(&m, "sluice_policy_rollbacks_total", &["policy=\"guard\""]) == 1.0
+    );
+    ensure!(
+        p["errors"].as_u64() >= Some(3),
+        "the failing version's errors are not reported: {p}"
+    );
+    // The last good version is in force again: its 5/s limit sheds a burst of reports tasks.
+    let mut nacked = 0;
+    for _ in 0..20 {
+        if !publish("reports.rebuild").await? {
+            nacked += 1;
+        }
+    }
+    ensure!(nacked > 0, "the restored celery policy does not limit");
+    conn.close(200, "bye".into()).await?;
+    s.stop().await;
+    Ok(())
+}

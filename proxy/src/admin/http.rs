@@ -215,6 +215,7 @@ fn config(rt: &Runtime) -> Reply {
                 "hash": p.policy.hash(),
                 "running_hash": p.current().hash(),
                 "rolled_back": p.is_rolled_back(),
+                "errors": crate::plugin::ErrorKind::ALL.iter().map(|k| p.policy.stats().errors(*k)).sum::<u64>(),
                 "disabled": p.current().stats().is_disabled(),
                 "dry_run": p.dry_run,
             })).collect::<Vec<_>>(),
