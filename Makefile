@@ -7,7 +7,7 @@ CARGO_TARGET_DIR ?= $(CURDIR)/target
 export CARGO_TARGET_DIR
 VENV ?= $(CURDIR)/.venv
 
-.PHONY: run test test-rust test-python broker venv lint plugins test-plugins
+.PHONY: run test test-rust test-python broker venv lint plugins test-plugins test-drill
 
 run: broker plugins
 	cargo build --release -p sluice
@@ -17,6 +17,7 @@ test: broker venv plugins test-plugins
 	cargo build -p sluice
 	cargo test --workspace
 	SLUICE_BIN=$(CARGO_TARGET_DIR)/debug/sluice $(VENV)/bin/python -m pytest -q tests/python
+	$(MAKE) test-drill
 
 broker:
 	.ci/ensure-rabbitmq
@@ -40,3 +41,9 @@ plugins:
 # The SDK's and the example policies' own tests, run natively.
 test-plugins:
 	cd plugins && CARGO_TARGET_DIR=$(PLUGINS_TARGET_DIR) cargo test
+
+# The flood drill, shortened, as a test (benches/drill). It lowers RabbitMQ's memory watermark
+# (always restored), so it runs alone, after everything else, with the release build the drill uses.
+test-drill: broker venv plugins
+	cargo build --release -p sluice
+	SLUICE_BIN=$(CARGO_TARGET_DIR)/release/sluice $(VENV)/bin/python -m pytest -q -m broker_wide tests/python/test_drill.py

@@ -1,0 +1,146 @@
+"""The drill's two Celery producers, each run in its own process.
+
+* ``hotfix-svc`` (the bad deploy): several processes call ``send_task("reports.rebuild")`` as
+  fast as Celery goes, with a ~2 KB argument, Celery's defaults otherwise (no publisher
+  confirms, publish retries on).
+* ``web-login`` (the critical path): one process calls ``send_task("auth.login_audit")`` at a
+  steady rate with ``confirm_publish``, timing each call. A publish that takes longer than the
+  request budget (``timeout``) is a failed login; the next one uses a fresh connection, as a
+  web worker would.
+
+Both name themselves with the ``connection_name`` client property, which is how sluice tells
+producers apart. Neither knows whether it talks to the broker or to sluice: only the URL differs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+TASK_QUEUES = {"reports": "drill.reports", "auth": "drill.auth"}
+FLOOD_TASK = "reports.rebuild"
+CRITICAL_TASK = "auth.login_audit"
+
+
+def celery_app(url: str, producer: str, confirm: bool, timeout: float = 10.0):
+    from celery import Celery
+    from kombu import Queue
+
+    app = Celery(f"drill-{producer}", set_as_current=False)
+    options = {"client_properties": {"connection_name": producer}}
+    if confirm:
+        options["confirm_publish"] = True
+    app.conf.update(
+        broker_url=url,
+        broker_transport_options=options,
+        broker_connection_timeout=timeout,
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue(q, routing_key=q) for q in TASK_QUEUES.values()],
+        task_routes={"reports.*": {"queue": TASK_QUEUES["reports"]},
+                     "auth.*": {"queue": TASK_QUEUES["auth"]}},
+        task_default_queue=TASK_QUEUES["reports"],
+        result_backend=None,
+        task_ignore_result=True,
+    )
+    return app
+
+
+def flood_main(url: str, index: int, counters, go, stop, payload_bytes: int, nice: int) -> None:
+    """One hotfix-svc process: connects, says it is ready, waits for ``go``, then floods until
+    ``stop``. ``counters`` is a shared array with [sent, errors, reconnects, ready] per process,
+    at ``4 * index``."""
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    app = celery_app(url, "hotfix-svc", confirm=False)
+    payload = "r" * payload_bytes
+    base = 4 * index
+    conn = app.connection_for_write()
+    conn.ensure_connection(max_retries=3)
+    producer = app.amqp.Producer(conn)
+    last_transport = getattr(conn, "_connection", None)
+    counters[base + 3] = 1
+    go.wait()
+    n = 0
+    while not stop.is_set():
+        try:
+            app.send_task(FLOOD_TASK, args=[n, payload], producer=producer)
+            n += 1
+            counters[base] += 1
+        except Exception:
+            counters[base + 1] += 1
+            time.sleep(0.05)
+        # kombu replaces the underlying connection when it reconnects (e.g. after py-amqp's
+        # TCP_USER_TIMEOUT aborted a stalled socket); whatever was in the old one is gone.
+        transport = getattr(conn, "_connection", None)
+        if transport is not None and transport is not last_transport:
+            if last_transport is not None:
+                counters[base + 2] += 1
+            last_transport = transport
+    try:
+        conn.release()
+    except Exception:
+        pass
+
+
+def critical_main(url: str, rate: float, timeout: float, out, stop) -> None:
+    """web-login: ``rate`` publishes per second, each timed; results go to ``out`` (a queue)
+    as (start unix time, seconds, ok, error, task id). A slot missed because an earlier
+    publish was still stuck is skipped (and reported as ``skipped``)."""
+    app = celery_app(url, "web-login", confirm=True, timeout=timeout)
+    conn = producer = None
+
+    def connect():
+        c = app.connection_for_write()
+        c.ensure_connection(max_retries=1, timeout=timeout)
+        return c, app.amqp.Producer(c)
+
+    try:
+        conn, producer = connect()
+    except Exception as e:
+        out.put(("error", f"web-login could not connect: {e!r}"))
+    interval = 1.0 / rate
+    next_t = time.time()
+    while not stop.is_set():
+        now = time.time()
+        if now < next_t:
+            stop.wait(min(next_t - now, 0.05))
+            continue
+        missed = int((now - next_t) / interval)
+        if missed:
+            out.put(("skipped", missed))
+            next_t += missed * interval
+        next_t += interval
+        tid = str(uuid.uuid4())
+        t0 = time.time()
+        p0 = time.perf_counter()
+        try:
+            if conn is None:
+                conn, producer = connect()
+            app.send_task(
+                CRITICAL_TASK,
+                args=[{"user": f"u{int(t0 * 1000) % 100000}", "ip": "203.0.113.7", "ok": True}],
+                task_id=tid,
+                producer=producer,
+                retry=False,
+                timeout=timeout,
+                confirm_timeout=timeout,
+            )
+            out.put(("publish", t0, time.perf_counter() - p0, True, "", tid))
+        except Exception as e:  # timed out, nacked, connection lost: a failed login
+            out.put(("publish", t0, time.perf_counter() - p0, False, type(e).__name__, tid))
+            if conn is not None:
+                try:
+                    conn.collect()  # drop the socket without a close handshake
+                except Exception:
+                    pass
+            conn = producer = None
+    if conn is not None:
+        try:
+            conn.release()
+        except Exception:
+            pass
+    out.put(("done",))
