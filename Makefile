@@ -21,6 +21,7 @@ test: broker venv plugins test-plugins
 
 broker:
 	.ci/ensure-rabbitmq
+	.ci/ensure-tools
 
 venv:
 	.ci/python-venv $(VENV)

@@ -20,5 +20,6 @@ pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod telemetry;
+pub mod tls;
 
 pub use server::Server;

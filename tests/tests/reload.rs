@@ -42,8 +42,9 @@ impl ConfigFile {
     }
 
     fn write(&self, body: &str) -> Result<()> {
+        std::fs::write(self.dir.join("admin.token"), TOKEN)?;
         let text = format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"amqp\"\nprotocol = \"amqp091\"\n\
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\n\n[[listener]]\nname = \"amqp\"\nprotocol = \"amqp091\"\n\
              listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n\n{body}\n",
             sluice_tests::broker_addr()
         );
@@ -61,8 +62,12 @@ impl Drop for ConfigFile {
     }
 }
 
+/// The admin token every config here uses (from `admin.token` beside the config).
+const TOKEN: &str = "reload-test-token-0123456789";
+
 async fn reload(s: &Sluice) -> Result<(u16, serde_json::Value)> {
-    let (status, body) = sluice_tests::http(s.admin, "POST", "/v1/reload").await?;
+    let (status, body) =
+        sluice_tests::http_auth(s.admin, "POST", "/v1/reload", Some(TOKEN)).await?;
     Ok((
         status,
         serde_json::from_str(&body).with_context(|| format!("reload reply: {body}"))?,
@@ -70,7 +75,7 @@ async fn reload(s: &Sluice) -> Result<(u16, serde_json::Value)> {
 }
 
 async fn running_version(s: &Sluice) -> Result<u64> {
-    let (_, body) = s.admin_get("/v1/config").await?;
+    let (_, body) = sluice_tests::http_auth(s.admin, "GET", "/v1/config", Some(TOKEN)).await?;
     let v: serde_json::Value = serde_json::from_str(&body)?;
     v["version"].as_u64().context("no version in /v1/config")
 }
@@ -336,7 +341,7 @@ async fn broken_configs_are_refused_with_file_and_line_and_change_nothing() -> R
             running_version(&s).await? == version,
             "case {i} changed the running config"
         );
-        let (_, c) = s.admin_get("/v1/config").await?;
+        let (_, c) = sluice_tests::http_auth(s.admin, "GET", "/v1/config", Some(TOKEN)).await?;
         ensure!(
             c.contains("last_error") && !c.contains("\"last_error\":null"),
             "case {i}: /v1/config has no last_error"
@@ -382,7 +387,7 @@ async fn a_changed_file_is_picked_up_by_the_watcher_within_a_second() -> Result<
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("watcher applied the change after {:?}", t.elapsed());
-    let (_, body) = s.admin_get("/v1/config").await?;
+    let (_, body) = sluice_tests::http_auth(s.admin, "GET", "/v1/config", Some(TOKEN)).await?;
     ensure!(
         body.contains("200/s") || body.contains("200/1s") || body.contains("\\\"200/s\\\""),
         "new limit not shown: {body}"
@@ -507,7 +512,7 @@ async fn a_policy_failing_right_after_a_reload_is_rolled_back_to_the_last_good_v
             "fail-open policy must forward"
         );
     }
-    let (_, body) = s.admin_get("/v1/config").await?;
+    let (_, body) = sluice_tests::http_auth(s.admin, "GET", "/v1/config", Some(TOKEN)).await?;
     let v: serde_json::Value = serde_json::from_str(&body)?;
     let p = &v["policies"][0];
     ensure!(p["rolled_back"] == true, "policy not rolled back: {p}");
@@ -533,5 +538,59 @@ async fn a_policy_failing_right_after_a_reload_is_rolled_back_to_the_last_good_v
     ensure!(nacked > 0, "the restored celery policy does not limit");
     conn.close(200, "bye".into()).await?;
     s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn admin_api_needs_the_token_for_reload_and_config_but_not_for_probes() -> Result<()> {
+    let cfg = ConfigFile::new(&quota("100/s"))?;
+    let s = Sluice::start_file(&cfg.path).await?;
+    let a = s.admin;
+    use sluice_tests::http_auth;
+    ensure!(http_auth(a, "POST", "/v1/reload", None).await?.0 == 401);
+    ensure!(
+        http_auth(
+            a,
+            "POST",
+            "/v1/reload",
+            Some("reload-test-token-0123456788")
+        )
+        .await?
+        .0 == 401
+    );
+    ensure!(http_auth(a, "POST", "/v1/reload", Some(TOKEN)).await?.0 == 200);
+    ensure!(http_auth(a, "GET", "/v1/config", None).await?.0 == 401);
+    ensure!(http_auth(a, "GET", "/v1/producers", None).await?.0 == 401);
+    ensure!(http_auth(a, "GET", "/v1/producers", Some(TOKEN)).await?.0 == 200);
+    ensure!(http_auth(a, "GET", "/healthz", None).await?.0 == 200);
+    ensure!(
+        http_auth(a, "GET", "/metrics", None).await?.0 == 200,
+        "metrics_open defaults to true"
+    );
+    let m = http_auth(a, "GET", "/metrics", None).await?.1;
+    ensure!(sluice_tests::sum_metric(&m, "sluice_admin_auth_failures_total", &[]) == 4.0);
+    s.stop().await;
+
+    // Without a token, mutating endpoints stay closed even on loopback.
+    let open = Sluice::start("").await?;
+    let (status, body) = http_auth(open.admin, "POST", "/v1/reload", None).await?;
+    ensure!(
+        status == 401 && body.contains("token_file"),
+        "{status} {body}"
+    );
+    open.stop().await;
+
+    // A non-loopback admin address without a token is a config error.
+    let text =
+        "[admin]\nlisten = \"0.0.0.0:9999\"\n[[listener]]\nname = \"a\"\nprotocol = \"amqp091\"\n\
+                listen = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:5672\"\n";
+    let err = sluice::config::parse(text, Path::new("a.toml"))
+        .err()
+        .context("must be refused")?;
+    ensure!(
+        err.to_string()
+            .contains("a.toml:2: admin.listen 0.0.0.0:9999 is not loopback"),
+        "{err}"
+    );
     Ok(())
 }

@@ -59,7 +59,45 @@ pub async fn serve(rt: Arc<Runtime>, sock: TcpListener) {
     }
 }
 
+/// Who may call what: `/healthz` and `/readyz` are open (probes); `/metrics` is open unless
+/// `metrics_open = false`; everything else needs the bearer token when one is configured, and
+/// `POST /v1/reload` always needs it.
+fn allowed(rt: &Runtime, req: &Request<Incoming>) -> Result<(), Reply> {
+    let active = rt.active();
+    let admin = &active.config.admin;
+    let path = req.uri().path();
+    let open = match path {
+        "/healthz" | "/readyz" => true,
+        "/metrics" => admin.metrics_open,
+        _ => req.method() != Method::POST && admin.token.is_none(),
+    };
+    if open {
+        return Ok(());
+    }
+    let header = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if admin.authorized(header) {
+        return Ok(());
+    }
+    rt.metrics.admin_auth_failures.fetch_add(1, Relaxed);
+    let message = if admin.token.is_none() {
+        "this endpoint needs a token: set admin.token_file or admin.token_env"
+    } else {
+        "missing or wrong bearer token"
+    };
+    let mut r = json_reply(StatusCode::UNAUTHORIZED, json!({"error": message}));
+    if let Ok(v) = "Bearer".parse() {
+        r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, v);
+    }
+    Err(r)
+}
+
 async fn route(rt: &Runtime, req: Request<Incoming>) -> Reply {
+    if let Err(refused) = allowed(rt, &req) {
+        return refused;
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => reply(
             StatusCode::OK,

@@ -116,6 +116,8 @@ pub struct Metrics {
     pub reloads_ok: AtomicU64,
     /// Config reloads refused.
     pub reloads_error: AtomicU64,
+    /// Admin API requests refused for a missing or wrong token.
+    pub admin_auth_failures: AtomicU64,
     started: std::time::Instant,
 }
 
@@ -138,6 +140,7 @@ impl Metrics {
             listeners: DashMap::new(),
             reloads_ok: AtomicU64::new(0),
             reloads_error: AtomicU64::new(0),
+            admin_auth_failures: AtomicU64::new(0),
             started: std::time::Instant::now(),
         }
     }
@@ -318,6 +321,17 @@ impl Metrics {
             out,
             "sluice_config_reloads_total{{result=\"error\"}} {}",
             self.reloads_error.load(Relaxed)
+        );
+        family(
+            &mut out,
+            "sluice_admin_auth_failures_total",
+            "counter",
+            "Admin API requests refused for a missing or wrong token.",
+        );
+        let _ = writeln!(
+            out,
+            "sluice_admin_auth_failures_total {}",
+            self.admin_auth_failures.load(Relaxed)
         );
         family(
             &mut out,

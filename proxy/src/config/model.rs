@@ -45,6 +45,12 @@ pub struct AdminFile {
     pub listen: Option<Spanned<String>>,
     /// Most producers tracked by name in metrics; the rest are counted as `other`.
     pub max_producers: Option<usize>,
+    /// File holding the API's bearer token (required when `listen` is not loopback).
+    pub token_file: Option<Spanned<String>>,
+    /// Environment variable holding the token.
+    pub token_env: Option<Spanned<String>>,
+    /// Serve `/metrics` without the token (default true).
+    pub metrics_open: Option<bool>,
 }
 
 /// `[[listener]]`
@@ -62,6 +68,20 @@ pub struct ListenerFile {
     /// Credentials sluice uses on its own connection (readiness, divert checks).
     #[serde(default)]
     pub probe: ProbeFile,
+    /// TLS termination for clients.
+    pub tls: Option<Spanned<ListenerTlsFile>>,
+}
+
+/// `[listener.tls]`: sluice terminates TLS for clients.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsFile {
+    /// Certificate chain (PEM).
+    pub cert: String,
+    /// Private key (PEM).
+    pub key: String,
+    /// CA (PEM) client certificates must chain to; when set, clients must present one.
+    pub client_ca: Option<String>,
 }
 
 /// `upstream = "host:port"` or `upstream = { addr = "host:port" }`.
@@ -77,6 +97,18 @@ pub enum UpstreamFile {
         /// TLS to the broker.
         #[serde(default)]
         tls: bool,
+        /// CA bundle (PEM) to verify the broker with; the system roots when absent.
+        #[serde(default)]
+        ca: Option<String>,
+        /// Name to verify in the broker's certificate and send as SNI (default: the host).
+        #[serde(default)]
+        server_name: Option<String>,
+        /// Client certificate chain (PEM) for brokers that ask for one.
+        #[serde(default)]
+        cert: Option<String>,
+        /// Its private key (PEM).
+        #[serde(default)]
+        key: Option<String>,
     },
 }
 

@@ -46,10 +46,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("duration '{s}' is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    // `try_`: a huge value (`99999999999999999999999h`) is finite but does not fit a Duration.
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("duration '{s}' is out of range"))
 }
 
 /// Parse a byte size: a number with an optional unit `B`, `KB`, `KiB`, `MB`, `MiB`, `GB`, `GiB`.
@@ -150,5 +148,24 @@ mod tests {
             .contains("greater than zero"));
         assert!(parse_duration("5").unwrap_err().contains("needs a unit"));
         assert!(parse_size("3XB").unwrap_err().contains("unknown size unit"));
+    }
+
+    #[test]
+    fn durations_too_large_for_a_duration_are_errors_not_panics() {
+        // Found by the `config` fuzz target: Duration::from_secs_f64 panicked on these.
+        for s in [
+            "99999999999999999999999h",
+            "18446744073709551616s",
+            "1e400s",
+        ] {
+            assert!(parse_duration(s).is_err(), "{s}");
+        }
+        assert!(parse_rate("5/99999999999999999999999h", false)
+            .unwrap_err()
+            .contains("out of range"));
+        assert_eq!(
+            parse_duration("18446744073709549568s").unwrap(),
+            Duration::from_secs(18446744073709549568)
+        );
     }
 }

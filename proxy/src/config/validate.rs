@@ -58,15 +58,38 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Most producers tracked by name in metrics.
     pub max_producers: usize,
+    /// Bearer token for the API (from `token_file` or `token_env`, never from the TOML).
+    pub token: Option<Arc<str>>,
+    /// Serve `/metrics` without the token.
+    pub metrics_open: bool,
+}
+
+impl AdminConfig {
+    /// Whether a request with this `Authorization` header value carries the token
+    /// (constant time in the token's length).
+    pub fn authorized(&self, header: Option<&[u8]>) -> bool {
+        let Some(token) = &self.token else {
+            return false;
+        };
+        let given = header
+            .and_then(|h| h.strip_prefix(b"Bearer "))
+            .unwrap_or_default();
+        let want = token.as_bytes();
+        let mut diff = (given.len() ^ want.len()) as u8 | u8::from(given.len() != want.len());
+        for (i, w) in want.iter().enumerate() {
+            diff |= w ^ given.get(i).copied().unwrap_or(0);
+        }
+        diff == 0
+    }
 }
 
 /// The broker behind a listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Upstream {
     /// `host:port`.
     pub addr: String,
     /// TLS to the broker.
-    pub tls: bool,
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// One validated listener.
@@ -82,6 +105,8 @@ pub struct ListenerConfig {
     pub upstream: Upstream,
     /// sluice's own login on the broker.
     pub probe: ProbeTarget,
+    /// TLS termination for clients.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// Resource bounds.
@@ -332,7 +357,70 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
             }),
         },
         max_producers: file.admin.max_producers.unwrap_or(200),
+        token: None,
+        metrics_open: file.admin.metrics_open.unwrap_or(true),
     };
+    let mut admin = admin;
+    let token_source = match (&file.admin.token_file, &file.admin.token_env) {
+        (Some(f), None) => {
+            let p = path.parent().unwrap_or(Path::new(".")).join(f.get_ref());
+            match std::fs::read_to_string(&p) {
+                Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+                Ok(_) => {
+                    cx.at(f, format!("admin.token_file {} is empty", p.display()));
+                    None
+                }
+                Err(e) => {
+                    cx.at(
+                        f,
+                        format!("admin.token_file: cannot read {}: {e}", p.display()),
+                    );
+                    None
+                }
+            }
+        }
+        (None, Some(v)) => match std::env::var(v.get_ref()) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            _ => {
+                cx.at(
+                    v,
+                    format!(
+                        "admin.token_env: environment variable {} is not set",
+                        v.get_ref()
+                    ),
+                );
+                None
+            }
+        },
+        (Some(f), Some(_)) => {
+            cx.at(f, "admin: give token_file or token_env, not both");
+            None
+        }
+        (None, None) => None,
+    };
+    if let Some(t) = &token_source {
+        if t.len() < 16 {
+            cx.problems.push(Problem {
+                line: None,
+                message: "admin token must be at least 16 characters".into(),
+            });
+        }
+    }
+    admin.token = token_source.map(|t| t.into());
+    if !admin.listen.ip().is_loopback() && admin.token.is_none() {
+        let line = file
+            .admin
+            .listen
+            .as_ref()
+            .map(|l| cx.line_of(l.span().start));
+        cx.problems.push(Problem {
+            line,
+            message: format!(
+                "admin.listen {} is not loopback: set admin.token_file or admin.token_env",
+                admin.listen
+            ),
+        });
+    }
 
     let limits_default = Limits::default();
     let l = &file.limits;
@@ -423,15 +511,54 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
                 format!("listen address {listen} is used by two listeners"),
             );
         }
+        let base = path.parent().unwrap_or(Path::new("."));
         let upstream = match lf.upstream.get_ref() {
             UpstreamFile::Addr(a) => Upstream {
                 addr: a.clone(),
-                tls: false,
+                tls: None,
             },
-            UpstreamFile::Table { addr, tls } => Upstream {
-                addr: addr.clone(),
-                tls: *tls,
-            },
+            UpstreamFile::Table {
+                addr,
+                tls,
+                ca,
+                server_name,
+                cert,
+                key,
+            } => {
+                let files = crate::tls::ClientTlsFiles {
+                    ca: ca.as_ref().map(|c| base.join(c)),
+                    server_name: server_name.clone(),
+                    client_cert: match (cert, key) {
+                        (Some(c), Some(k)) => Some((base.join(c), base.join(k))),
+                        (None, None) => None,
+                        _ => {
+                            cx.at(&lf.upstream, "upstream: cert and key go together");
+                            None
+                        }
+                    },
+                };
+                if !tls && (ca.is_some() || server_name.is_some() || cert.is_some()) {
+                    cx.at(
+                        &lf.upstream,
+                        "upstream: ca, server_name and cert need tls = true",
+                    );
+                }
+                let tls = if *tls {
+                    match crate::tls::ClientTls::load(addr, &files) {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            cx.at(&lf.upstream, format!("upstream TLS: {e}"));
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                Upstream {
+                    addr: addr.clone(),
+                    tls,
+                }
+            }
         };
         if upstream
             .addr
@@ -444,12 +571,16 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
                 format!("upstream '{}' must be host:port", upstream.addr),
             );
         }
-        if upstream.tls {
-            cx.at(
-                &lf.upstream,
-                "upstream TLS is not supported by this build yet; use a plain address",
-            );
-        }
+        let tls = lf.tls.as_ref().and_then(|t| {
+            let f = t.get_ref();
+            crate::tls::ServerTls::load(
+                &base.join(&f.cert),
+                &base.join(&f.key),
+                f.client_ca.as_ref().map(|c| base.join(c)).as_deref(),
+            )
+            .map_err(|e| cx.at(t, format!("listener '{}': tls: {e}", lf.name.get_ref())))
+            .ok()
+        });
         let password = match &lf.probe.password_env {
             Some(var) => std::env::var(var).unwrap_or_default(),
             None => "guest".into(),
@@ -464,7 +595,9 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
                 password,
                 vhost: lf.probe.vhost.clone().unwrap_or_else(|| "/".into()),
                 timeout: limits.connect_timeout,
+                tls: upstream.tls.clone(),
             },
+            tls,
             upstream,
         });
     }

@@ -19,6 +19,7 @@ use crate::protocol::amqp::wire::put_long_bytes;
 use crate::protocol::amqp::{code, reply};
 use crate::quota::Admission;
 use crate::runtime::Runtime;
+use crate::tls::Stream;
 use bytes::{BufMut, Bytes, BytesMut};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -43,6 +44,26 @@ pub async fn serve(
     stats.accepted.fetch_add(1, Relaxed);
     let span = tracing::info_span!("conn", id, listener = %listener.name, peer = %peer, producer = tracing::field::Empty);
     async move {
+        let _ = client.set_nodelay(true);
+        let client = match &listener.tls {
+            None => Stream::Plain(client),
+            Some(tls) => {
+                let timeout = rt.active().config.limits.handshake_timeout;
+                match tokio::time::timeout(timeout, tls.acceptor.accept(client)).await {
+                    Ok(Ok(s)) => Stream::ClientTls(Box::new(s)),
+                    Ok(Err(e)) => {
+                        stats.protocol_errors.fetch_add(1, Relaxed);
+                        warn!(error = %e, "client TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        stats.protocol_errors.fetch_add(1, Relaxed);
+                        warn!("client TLS handshake timed out");
+                        return;
+                    }
+                }
+            }
+        };
         let total = rt.connections.fetch_add(1, Relaxed) + 1;
         stats.connections.fetch_add(1, Relaxed);
         let max = rt.active().config.limits.max_connections;
@@ -117,10 +138,7 @@ pub fn default_start() -> Frame {
 }
 
 /// Read frames from the client until a method frame on channel 0 arrives.
-async fn read_method(
-    sock: &mut TcpStream,
-    buf: &mut BytesMut,
-) -> Result<Frame, super::SessionError> {
+async fn read_method(sock: &mut Stream, buf: &mut BytesMut) -> Result<Frame, super::SessionError> {
     loop {
         if let Some(f) = frame::split(buf, HANDSHAKE_FRAME_MAX)? {
             if f.kind == FrameKind::Heartbeat {
@@ -141,7 +159,7 @@ async fn read_method(
 }
 
 /// Close a client that has sent start-ok: `connection.close`, then wait briefly for close-ok.
-async fn close_client(sock: &mut TcpStream, buf: &mut BytesMut, code: u16, text: &str) {
+async fn close_client(sock: &mut Stream, buf: &mut BytesMut, code: u16, text: &str) {
     let close = reply::connection_close(code, text, MethodId(0, 0));
     if sock.write_all(&close.raw).await.is_err() {
         return;
@@ -159,7 +177,7 @@ async fn close_client(sock: &mut TcpStream, buf: &mut BytesMut, code: u16, text:
 
 /// Refuse a connection with a reason, as far into the handshake as the client lets us.
 async fn refuse_early(
-    mut client: TcpStream,
+    mut client: Stream,
     rt: &Runtime,
     listener: &ListenerConfig,
     code: u16,
@@ -191,10 +209,9 @@ async fn run(
     rt: &Arc<Runtime>,
     listener: &Arc<ListenerConfig>,
     stats: &Arc<ListenerStats>,
-    mut client: TcpStream,
+    mut client: Stream,
     peer: SocketAddr,
 ) -> Result<(), super::SessionError> {
-    let _ = client.set_nodelay(true);
     let active = rt.active();
     let limits = active.config.limits.clone();
     let handshake_deadline = Instant::now() + limits.handshake_timeout;
@@ -329,7 +346,7 @@ async fn proxy(
     rt: &Arc<Runtime>,
     listener: &Arc<ListenerConfig>,
     stats: &Arc<ListenerStats>,
-    mut client: TcpStream,
+    mut client: Stream,
     mut buf: BytesMut,
     peer: SocketAddr,
     facts: ConnFacts,
@@ -413,12 +430,19 @@ async fn connect_upstream(
     rt: &Runtime,
     listener: &ListenerConfig,
     timeout: Duration,
-) -> Result<(TcpStream, BytesMut), String> {
-    let mut s = tokio::time::timeout(timeout, TcpStream::connect(&listener.upstream.addr))
+) -> Result<(Stream, BytesMut), String> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(&listener.upstream.addr))
         .await
         .map_err(|_| format!("no answer within {timeout:?}"))?
         .map_err(|e| e.to_string())?;
-    let _ = s.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut s = match &listener.upstream.tls {
+        None => Stream::Plain(tcp),
+        Some(tls) => tokio::time::timeout(timeout, tls.connect(tcp))
+            .await
+            .map_err(|_| format!("no TLS handshake within {timeout:?}"))?
+            .map_err(|e| format!("TLS to the broker failed: {e}"))?,
+    };
     s.write_all(PROTOCOL_HEADER)
         .await
         .map_err(|e| e.to_string())?;

@@ -78,11 +78,13 @@ pub struct ProbeTarget {
     pub vhost: String,
     /// Timeout for each step.
     pub timeout: Duration,
+    /// TLS to the broker.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// An open probe connection.
 pub struct ProbeClient {
-    stream: TcpStream,
+    stream: crate::tls::Stream,
     buf: BytesMut,
     addr: String,
     timeout: Duration,
@@ -109,6 +111,13 @@ impl ProbeClient {
             .map_err(|_| ProbeError::Timeout(target.addr.clone()))?
             .map_err(io)?;
         let _ = stream.set_nodelay(true);
+        let stream = match &target.tls {
+            None => crate::tls::Stream::Plain(stream),
+            Some(tls) => tokio::time::timeout(target.timeout, tls.connect(stream))
+                .await
+                .map_err(|_| ProbeError::Timeout(target.addr.clone()))?
+                .map_err(io)?,
+        };
         let mut c = ProbeClient {
             stream,
             buf: BytesMut::with_capacity(8192),
