@@ -1,0 +1,20 @@
+//! sluice's benchmarks: shared fixtures for the criterion benches (`cargo bench -p
+//! sluice-benches`).
+#![warn(missing_docs)]
+
+pub mod celery;
+
+use std::path::PathBuf;
+
+/// A built plugin from `plugins/dist/`. Panics with the command that builds it when missing.
+pub fn plugin_path(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins/dist")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `make plugins` first",
+        path.display()
+    );
+    path
+}
