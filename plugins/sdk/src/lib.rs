@@ -96,9 +96,9 @@ macro_rules! export_policy {
                 ) -> ::std::vec::Vec<$crate::__private::WitVerdict> {
                     $crate::__private::evaluate_batch::<$policy>(&POLICY, msgs)
                 }
-    }
+            }
 
-            $crate::__private::export!(Export with_types_in $crate::bindings);
+    $crate::__private::export!(Export with_types_in $crate::bindings);
         };
         // Natively nothing is exported; this keeps the policy type "used" for the compiler.
         #[cfg(not(target_arch = "wasm32"))]
