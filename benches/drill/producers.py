@@ -4,9 +4,8 @@
   fast as Celery goes, with a ~2 KB argument, Celery's defaults otherwise (no publisher
   confirms, publish retries on).
 * ``web-login`` (the critical path): one process calls ``send_task("auth.login_audit")`` at a
-  steady rate with ``confirm_publish``, timing each call. A publish that takes longer than the
-  request budget (``timeout``) is a failed login; the next one uses a fresh connection, as a
-  web worker would.
+  steady rate with ``confirm_publish``, timing each login from its arrival. A login not
+  confirmed within its budget failed.
 
 Both name themselves with the ``connection_name`` client property, which is how sluice tells
 producers apart. Neither knows whether it talks to the broker or to sluice: only the URL differs.
@@ -86,16 +85,22 @@ def flood_main(url: str, index: int, counters, go, stop, payload_bytes: int, nic
         pass
 
 
-def critical_main(url: str, rate: float, timeout: float, out, stop) -> None:
-    """web-login: ``rate`` publishes per second, each timed; results go to ``out`` (a queue)
-    as (start unix time, seconds, ok, error, task id). A slot missed because an earlier
-    publish was still stuck is skipped (and reported as ``skipped``)."""
-    app = celery_app(url, "web-login", confirm=True, timeout=timeout)
+def critical_main(url: str, rate: float, budget: float, out, stop) -> None:
+    """web-login: a login every ``1/rate`` seconds, each publishing one task with confirms.
+
+    Latency is measured from the moment the login arrived (its slot), not from when the
+    publisher got to it, so a stuck publish also counts against the logins queued behind it.
+    A login whose audit is not confirmed within ``budget`` seconds of its arrival failed: the
+    publish timed out or errored, or the login waited that long for the publisher and was never
+    attempted. After a failed publish the next login uses a fresh connection, as a web worker
+    would. Results go to ``out`` as ("publish", slot time, latency s, confirmed, error, task id,
+    publish call s)."""
+    app = celery_app(url, "web-login", confirm=True, timeout=budget)
     conn = producer = None
 
     def connect():
         c = app.connection_for_write()
-        c.ensure_connection(max_retries=1, timeout=timeout)
+        c.ensure_connection(max_retries=1, timeout=budget)
         return c, app.amqp.Producer(c)
 
     try:
@@ -109,29 +114,31 @@ def critical_main(url: str, rate: float, timeout: float, out, stop) -> None:
         if now < next_t:
             stop.wait(min(next_t - now, 0.05))
             continue
-        missed = int((now - next_t) / interval)
-        if missed:
-            out.put(("skipped", missed))
-            next_t += missed * interval
+        slot = next_t
         next_t += interval
         tid = str(uuid.uuid4())
-        t0 = time.time()
+        age = now - slot
+        if age >= budget:
+            out.put(("publish", slot, age, False, "late", tid, 0.0))
+            continue
         p0 = time.perf_counter()
         try:
             if conn is None:
                 conn, producer = connect()
+            left = max(0.05, budget - (time.time() - slot))
             app.send_task(
                 CRITICAL_TASK,
-                args=[{"user": f"u{int(t0 * 1000) % 100000}", "ip": "203.0.113.7", "ok": True}],
+                args=[{"user": f"u{int(slot * 1000) % 100000}", "ip": "203.0.113.7", "ok": True}],
                 task_id=tid,
                 producer=producer,
                 retry=False,
-                timeout=timeout,
-                confirm_timeout=timeout,
+                timeout=left,
+                confirm_timeout=left,
             )
-            out.put(("publish", t0, time.perf_counter() - p0, True, "", tid))
+            out.put(("publish", slot, time.time() - slot, True, "", tid, time.perf_counter() - p0))
         except Exception as e:  # timed out, nacked, connection lost: a failed login
-            out.put(("publish", t0, time.perf_counter() - p0, False, type(e).__name__, tid))
+            out.put(("publish", slot, time.time() - slot, False, type(e).__name__, tid,
+                     time.perf_counter() - p0))
             if conn is not None:
                 try:
                     conn.collect()  # drop the socket without a close handshake
