@@ -1,8 +1,11 @@
 //! sluice's benchmarks: shared fixtures for the criterion benches (`cargo bench -p
-//! sluice-benches`).
+//! sluice-benches`), the load generator ([`loadgen`], also the `loadgen` binary) and the
+//! end-to-end harness ([`e2e`], the `e2e` binary).
 #![warn(missing_docs)]
 
 pub mod celery;
+pub mod e2e;
+pub mod loadgen;
 
 use std::path::PathBuf;
 
