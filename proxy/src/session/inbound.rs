@@ -32,6 +32,9 @@ use tracing::{debug, info, warn};
 /// A connection whose reads were held stops being shown as blocked after this long without a hold.
 const UNBLOCK_IDLE: Duration = Duration::from_millis(250);
 
+/// How often a connection whose answers back up re-checks whether its client has read them.
+const BACKLOG_POLL: Duration = Duration::from_millis(5);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Handshake,
@@ -262,6 +265,10 @@ impl Inbound {
                 self.buf.reserve(64 * 1024);
             }
             let handshake = self.phase == Phase::Handshake;
+            // A client that does not read what sluice answers it (nacks, returns) is not read
+            // either, so those answers wait in bounded memory.
+            let backlogged = self.shared.lock().to_client_bytes as u64
+                > self.rt.active().config.limits.max_buffered_per_connection;
             tokio::select! {
                 biased;
                 _ = self.conn_done.cancelled() => return Ok(Exit::UpstreamDone),
@@ -270,7 +277,8 @@ impl Inbound {
                     return Err(SessionError::HandshakeTimeout)
                 }
                 _ = tokio::time::sleep(UNBLOCK_IDLE), if self.holding => self.end_hold(),
-                r = self.client.read_buf(&mut self.buf) => {
+                _ = tokio::time::sleep(BACKLOG_POLL), if backlogged => {}
+                r = self.client.read_buf(&mut self.buf), if !backlogged => {
                     if r? == 0 {
                         return Ok(Exit::ClientEof);
                     }
@@ -369,9 +377,7 @@ impl Inbound {
         let crossing = id == MethodId::CHANNEL_CLOSE;
         if id == MethodId::CHANNEL_CLOSE_OK || crossing {
             if crossing {
-                let _ = self
-                    .to_client
-                    .send(ToClient::Frames(ch, vec![reply::channel_close_ok(ch)]));
+                self.inject(ch, vec![reply::channel_close_ok(ch)]);
             }
             self.channels.remove(&ch);
             let mut s = self.shared.lock();
@@ -704,8 +710,16 @@ impl Inbound {
             return;
         }
         if !inject.is_empty() {
-            let _ = self.to_client.send(ToClient::Frames(ch, inject));
+            self.inject(ch, inject);
         }
+    }
+
+    /// Queue frames sluice answers the client with on `ch`, counted until the outbound pump
+    /// takes them.
+    fn inject(&mut self, ch: u16, frames: Vec<Frame>) {
+        let bytes: usize = frames.iter().map(|f| f.raw.len()).sum();
+        self.shared.lock().to_client_bytes += bytes;
+        let _ = self.to_client.send(ToClient::Frames(ch, frames));
     }
 
     /// Close a channel on both legs: 406 to the client, a normal close to the broker.
@@ -716,7 +730,7 @@ impl Inbound {
             st.confirms = None;
             st.closing = Some(SluiceClose::default());
         }
-        let _ = self.to_client.send(ToClient::Frames(
+        self.inject(
             ch,
             vec![reply::channel_close(
                 ch,
@@ -724,7 +738,7 @@ impl Inbound {
                 text,
                 MethodId::BASIC_PUBLISH,
             )],
-        ));
+        );
         let up = reply::channel_close(
             ch,
             code::REPLY_SUCCESS,

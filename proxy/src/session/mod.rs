@@ -44,6 +44,9 @@ pub struct Shared {
     pub sluice_blocked: bool,
     /// sluice sent `connection.close` upstream itself: swallow the broker's close-ok.
     pub upstream_close_by_sluice: bool,
+    /// Bytes of frames the inbound pump injected that the outbound pump has not taken yet; past
+    /// `max_buffered_per_connection` the inbound pump stops reading the client.
+    pub to_client_bytes: usize,
 }
 
 impl Shared {

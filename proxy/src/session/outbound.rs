@@ -135,6 +135,11 @@ impl Outbound {
     }
 
     fn on_cmd(&mut self, cmd: ToClient) {
+        if let ToClient::Frames(_, frames) = &cmd {
+            let bytes: usize = frames.iter().map(|f| f.raw.len()).sum();
+            let mut s = self.shared.lock();
+            s.to_client_bytes = s.to_client_bytes.saturating_sub(bytes);
+        }
         if self.client_closed {
             return;
         }
