@@ -104,6 +104,69 @@ pub struct ListenerStats {
     pub protocol_errors: AtomicU64,
     /// Upstream connect failures.
     pub upstream_errors: AtomicU64,
+    limit_hits: [AtomicU64; Limit::ALL.len()],
+}
+
+/// A `[limits]` bound, as counted by `sluice_limit_hits_total{limit}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `max_connections`: a connection refused with 530.
+    MaxConnections,
+    /// `max_connections_per_producer`: a connection refused with 530.
+    MaxConnectionsPerProducer,
+    /// `max_channels`: a connection closed with 506.
+    MaxChannels,
+    /// `max_message_size`: a connection closed with 506.
+    MaxMessageSize,
+    /// `max_buffered_per_connection`: a connection closed with 506.
+    MaxBufferedPerConnection,
+    /// A frame over the frame size in force: a connection closed with 501.
+    MaxFrameSize,
+    /// `handshake_timeout`: a connection closed before it was open.
+    HandshakeTimeout,
+}
+
+impl Limit {
+    /// Every limit, in label order.
+    pub const ALL: [Limit; 7] = [
+        Limit::MaxConnections,
+        Limit::MaxConnectionsPerProducer,
+        Limit::MaxChannels,
+        Limit::MaxMessageSize,
+        Limit::MaxBufferedPerConnection,
+        Limit::MaxFrameSize,
+        Limit::HandshakeTimeout,
+    ];
+
+    /// The `limit` label: the config key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::MaxConnections => "max_connections",
+            Limit::MaxConnectionsPerProducer => "max_connections_per_producer",
+            Limit::MaxChannels => "max_channels",
+            Limit::MaxMessageSize => "max_message_size",
+            Limit::MaxBufferedPerConnection => "max_buffered_per_connection",
+            Limit::MaxFrameSize => "max_frame_size",
+            Limit::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+}
+
+impl ListenerStats {
+    /// Count one hit of a limit.
+    pub fn limit_hit(&self, limit: Limit) {
+        if let Some(c) = self.limit_hits.get(limit as usize) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Hits of a limit so far.
+    pub fn limit_hits(&self, limit: Limit) -> u64 {
+        self.limit_hits
+            .get(limit as usize)
+            .map(|c| c.load(Relaxed))
+            .unwrap_or(0)
+    }
 }
 
 /// All of sluice's metrics.
@@ -304,6 +367,23 @@ impl Metrics {
             family(&mut out, name, "counter", help);
             for (n, l) in &listeners {
                 let _ = writeln!(out, "{name}{{listener=\"{}\"}} {}", esc(n), get(l));
+            }
+        }
+        family(
+            &mut out,
+            "sluice_limit_hits_total",
+            "counter",
+            "Connections refused or closed because a [limits] bound was hit, by limit.",
+        );
+        for (n, l) in &listeners {
+            for limit in Limit::ALL {
+                let _ = writeln!(
+                    out,
+                    "sluice_limit_hits_total{{listener=\"{}\",limit=\"{}\"}} {}",
+                    esc(n),
+                    limit.as_str(),
+                    l.limit_hits(limit)
+                );
             }
         }
         family(

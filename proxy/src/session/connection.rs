@@ -8,6 +8,7 @@
 use super::inbound::Inbound;
 use super::outbound::Outbound;
 use super::{Shared, ToClient};
+use crate::admin::metrics::Limit;
 use crate::admin::ListenerStats;
 use crate::config::validate::ListenerConfig;
 use crate::identity::ConnFacts;
@@ -58,6 +59,7 @@ pub async fn serve(
                     }
                     Err(_) => {
                         stats.protocol_errors.fetch_add(1, Relaxed);
+                        stats.limit_hit(Limit::HandshakeTimeout);
                         warn!("client TLS handshake timed out");
                         return;
                     }
@@ -69,6 +71,7 @@ pub async fn serve(
         let max = rt.active().config.limits.max_connections;
         let result = if total > max {
             stats.refused.fetch_add(1, Relaxed);
+            stats.limit_hit(Limit::MaxConnections);
             refuse_early(
                 client,
                 &rt,
@@ -231,6 +234,7 @@ async fn run(
         Ok(Err(e)) => return Err(e.into()),
         Err(_) => {
             stats.protocol_errors.fetch_add(1, Relaxed);
+            stats.limit_hit(Limit::HandshakeTimeout);
             return Err(super::SessionError::HandshakeTimeout);
         }
     }
@@ -253,6 +257,7 @@ async fn run(
         }
         Err(_) => {
             stats.protocol_errors.fetch_add(1, Relaxed);
+            stats.limit_hit(Limit::HandshakeTimeout);
             return Err(super::SessionError::HandshakeTimeout);
         }
     };
@@ -318,6 +323,7 @@ async fn run(
     }
     if !rt.add_producer_conn(&pre_identity, limits.max_connections_per_producer) {
         stats.refused.fetch_add(1, Relaxed);
+        stats.limit_hit(Limit::MaxConnectionsPerProducer);
         let text = format!(
             "NOT_ALLOWED - sluice: producer '{pre_identity}' has {} connections, the limit",
             limits.max_connections_per_producer

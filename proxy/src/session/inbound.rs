@@ -6,6 +6,7 @@ use super::channel::{ChannelState, ConfirmMap, SluiceClose};
 use super::facts::AmqpMessage;
 use super::io::OutQueue;
 use super::{SessionError, Shared, ToClient};
+use crate::admin::metrics::Limit;
 use crate::admin::{ListenerStats, ProducerStats};
 use crate::config::validate::{ListenerConfig, ShedMandatory, ShedUnconfirmed};
 use crate::identity::{ConnFacts, ConnIdentity, MessageIdentity};
@@ -13,7 +14,7 @@ use crate::policy::{EvalState, PublishView, Step, Verdict, VerdictKind};
 use crate::protocol::amqp::frame::{self, Frame, FrameKind};
 use crate::protocol::amqp::header::{ContentHeader, Property};
 use crate::protocol::amqp::method::{self, MethodId, Publish, Tune};
-use crate::protocol::amqp::{code, reply};
+use crate::protocol::amqp::{code, reply, FrameError};
 use crate::runtime::{Active, Runtime};
 use crate::tls::{ReadHalf as OwnedReadHalf, WriteHalf as OwnedWriteHalf};
 use bytes::BytesMut;
@@ -195,6 +196,9 @@ impl Inbound {
             Err(SessionError::Io(e)) => Err(SessionError::Io(e)),
             Err(e) => {
                 self.stats.protocol_errors.fetch_add(1, Relaxed);
+                if let SessionError::Frame(FrameError::TooLarge { .. }) = e {
+                    self.stats.limit_hit(Limit::MaxFrameSize);
+                }
                 let code = e.reply_code();
                 let text = format!("{} - sluice: {e}", code_name(code));
                 warn!(code, error = %e, "closing client connection");
@@ -274,6 +278,7 @@ impl Inbound {
                 _ = self.conn_done.cancelled() => return Ok(Exit::UpstreamDone),
                 _ = self.shutdown.cancelled() => return Ok(Exit::Shutdown),
                 _ = tokio::time::sleep_until(self.handshake_deadline), if handshake => {
+                    self.stats.limit_hit(Limit::HandshakeTimeout);
                     return Err(SessionError::HandshakeTimeout)
                 }
                 _ = tokio::time::sleep(UNBLOCK_IDLE), if self.holding => self.end_hold(),
@@ -353,6 +358,7 @@ impl Inbound {
             MethodId::CHANNEL_OPEN => {
                 let max = self.rt.active().config.limits.max_channels;
                 if self.channels.len() >= max as usize && !self.channels.contains_key(&ch) {
+                    self.stats.limit_hit(Limit::MaxChannels);
                     return Err(SessionError::Resource(format!(
                         "channel limit of {max} per connection reached"
                     )));
@@ -466,6 +472,7 @@ impl Inbound {
         self.buffered += bytes;
         let max = self.rt.active().config.limits.max_buffered_per_connection;
         if self.buffered > max {
+            self.stats.limit_hit(Limit::MaxBufferedPerConnection);
             return Err(SessionError::Resource(format!(
                 "more than {max} bytes of unfinished publishes buffered on this connection"
             )));
@@ -501,6 +508,7 @@ impl Inbound {
             )));
         }
         if body_size > max {
+            self.stats.limit_hit(Limit::MaxMessageSize);
             return Err(SessionError::Resource(format!(
                 "message of {body_size} bytes on channel {ch} exceeds max_message_size {max}"
             )));
