@@ -6,6 +6,7 @@ use crate::config::{Config, Problem, Report};
 use crate::plugin::{PluginEngine, PluginShared, Policy};
 use crate::policy::chain::{Chain, QuotaStage};
 use crate::policy::PolicyStage;
+use crate::quota::global::{Coordinator, QuotaScope};
 use crate::quota::Limiter;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -28,6 +29,8 @@ pub struct Active {
     pub loaded_at: SystemTime,
     /// 1 for the first config, +1 per applied reload.
     pub version: u64,
+    /// Redis leases for global quotas (`[coordination]`), kept across reloads while unchanged.
+    pub coordinator: Option<Arc<Coordinator>>,
 }
 
 impl Active {
@@ -40,6 +43,12 @@ impl Active {
         version: u64,
         policies: Vec<PolicyStage>,
     ) -> Active {
+        let old_coordinator = previous.and_then(|p| p.coordinator.as_ref());
+        let coordinator = Coordinator::for_config(config.coordination.as_ref(), old_coordinator);
+        let same_coordinator = match (&coordinator, old_coordinator) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
         let mut stages = Vec::with_capacity(config.quotas.len());
         for q in &config.quotas {
             let reuse = previous.and_then(|p| {
@@ -48,8 +57,12 @@ impl Active {
                 let same = old_cfg.messages == q.messages
                     && old_cfg.bytes == q.bytes
                     && old_cfg.on_exceed == q.on_exceed
+                    && old_cfg.scope == q.scope
                     && format!("{:?}", old_cfg.matcher) == format!("{:?}", q.matcher);
-                same.then(|| (old.limiter.clone(), old.divert_limiter.clone()))
+                same.then(|| {
+                    let global = old.global.clone().filter(|_| same_coordinator);
+                    (old.limiter.clone(), old.divert_limiter.clone(), global)
+                })
             });
             let mut stage = QuotaStage::new(
                 &q.name,
@@ -60,9 +73,15 @@ impl Active {
                 q.dry_run,
                 DefaultClock::default(),
             );
-            if let Some((limiter, divert)) = reuse {
+            if let Some((limiter, divert, global)) = reuse {
                 stage.limiter = limiter;
                 stage.divert_limiter = divert;
+                stage.global = global;
+            }
+            if let (QuotaScope::Global(scope), Some(c), None) =
+                (q.scope, &coordinator, &stage.global)
+            {
+                stage.global = Some(c.limiter(&q.name, q.messages, q.bytes, scope));
             }
             stages.push(stage);
         }
@@ -76,6 +95,7 @@ impl Active {
             config,
             loaded_at: SystemTime::now(),
             version,
+            coordinator,
         }
     }
 }
@@ -98,6 +118,8 @@ pub struct Runtime {
     pub start_cache: DashMap<Arc<str>, Bytes>,
     /// Whether each listener's upstream answered the last probe.
     pub upstream_ready: DashMap<Arc<str>, bool>,
+    /// Divert targets decided per message, checked once each against the broker.
+    pub divert_targets: crate::config::targets::TargetCache,
     /// Where reload requests go (set when sluice runs from a config file).
     pub reload: std::sync::OnceLock<crate::reload::Handle>,
     /// The last reload error, if the last reload failed.
@@ -122,6 +144,7 @@ impl Runtime {
             per_producer: DashMap::new(),
             start_cache: DashMap::new(),
             upstream_ready: DashMap::new(),
+            divert_targets: Default::default(),
             reload: std::sync::OnceLock::new(),
             last_error: parking_lot::Mutex::new(None),
             next_conn_id: AtomicU64::new(1),

@@ -140,7 +140,7 @@ config = {{ limits = [{{ match = "reports.*", rate = "20/s burst 10" }}], critic
     );
     let limited = s
         .metric(
-            "sluice_plugin_counter_total",
+            "sluice_plugin_events_total",
             &["policy=\"celery-tasks\"", "name=\"limited\""],
         )
         .await?;
@@ -232,6 +232,43 @@ config = {{ limits = [{{ match = "reports.*", rate = "20/s burst 10" }}], on_exc
         )
         .await?;
     ensure!(would > 0.0 && would < 300.0, "would_shed = {would}");
+    conn.close(200, "bye".into()).await?;
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn plugin_divert_to_a_missing_queue_is_shed_not_a_channel_close() -> Result<()> {
+    let wasm = plugin("celery_task_quota")?;
+    let missing = unique("no-such-overflow");
+    let s = Sluice::start(&format!(
+        r#"
+[[policy]]
+name = "divert-nowhere"
+plugin = "{wasm}"
+config = {{ limits = [{{ match = "reports.*", rate = "20/s burst 10" }}], on_exceed = {{ divert = {{ exchange = "", routing_key = "{missing}" }} }} }}
+"#
+    ))
+    .await?;
+    let broker = Broker::connect().await?;
+    let q = unique("plugin-divert-missing");
+    let _g = Queues::new([q.clone()]);
+    broker.queue(&q).await?;
+    let conn = connect(&s.url, "divert-nowhere").await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let r = publish_tasks(&ch, &q, &["reports.rebuild"], 100).await?;
+    let (acked, nacked) = &r[0];
+    ensure!(
+        !nacked.is_empty(),
+        "diverts to a missing queue must be nacked"
+    );
+    ensure!(acked.len() + nacked.len() == 100);
+    ensure!(
+        ch.status().connected(),
+        "the client's channel must stay open"
+    );
+    ensure!(seqs_in(&broker, &q).await? == *acked);
     conn.close(200, "bye".into()).await?;
     s.stop().await;
     Ok(())

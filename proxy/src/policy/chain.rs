@@ -7,7 +7,7 @@ use super::plugin_stage::PolicyStage;
 use super::verdict::{ActionSpec, Verdict, VerdictKind};
 use crate::config::units::Rate;
 use crate::plugin::{MessageFacts, PluginVerdict};
-use crate::quota::{Admission, Limiter};
+use crate::quota::{Admission, GlobalLimiter, Limiter};
 use governor::clock::{Clock, DefaultClock};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +67,9 @@ pub struct QuotaStage<C: Clock = DefaultClock> {
     pub divert_limiter: Option<Arc<Limiter<C>>>,
     /// Count, don't act.
     pub dry_run: bool,
+    /// Set for `scope = "global"`: buckets in Redis, spent through local leases (instead of
+    /// `limiter`).
+    pub global: Option<Arc<GlobalLimiter<C>>>,
 }
 
 impl<C: Clock + Clone> QuotaStage<C> {
@@ -89,6 +92,7 @@ impl<C: Clock + Clone> QuotaStage<C> {
             on_exceed,
             divert_limiter,
             dry_run,
+            global: None,
         }
     }
 }
@@ -198,7 +202,10 @@ impl<C: Clock + Clone> Chain<C> {
                 st.stage += 1;
                 continue;
             }
-            let adm = q.limiter.check(v.producer, v.size);
+            let adm = match &q.global {
+                Some(g) => g.check(v.producer, v.size),
+                None => q.limiter.check(v.producer, v.size),
+            };
             if adm == Admission::Allowed {
                 st.stage += 1;
                 continue;
@@ -262,6 +269,7 @@ impl<C: Clock + Clone> Chain<C> {
                     Verdict::Divert {
                         exchange: exchange.into(),
                         routing_key,
+                        checked: false,
                     },
                     VerdictKind::Divert,
                 ),
@@ -309,6 +317,8 @@ impl<C: Clock + Clone> Chain<C> {
                         Verdict::Divert {
                             exchange: target.exchange.clone(),
                             routing_key: target.render(v.exchange, v.routing_key, v.producer),
+                            // Only a default-exchange template names a queue per message.
+                            checked: !(target.exchange.is_empty() && target.is_template()),
                         },
                         VerdictKind::Divert,
                     )
@@ -459,7 +469,8 @@ mod tests {
             d.verdict,
             Verdict::Divert {
                 exchange: "".into(),
-                routing_key: "overflow.celery".into()
+                routing_key: "overflow.celery".into(),
+                checked: true,
             }
         );
         assert_eq!(run(&chain, &hot, &clock).kind, VerdictKind::Shed);

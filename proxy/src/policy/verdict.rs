@@ -21,6 +21,9 @@ pub enum Verdict {
         exchange: Arc<str>,
         /// New routing key (templates already applied).
         routing_key: String,
+        /// Whether the target was checked against the broker when the config was loaded
+        /// (otherwise it is checked, once, before the first message goes there).
+        checked: bool,
     },
 }
 

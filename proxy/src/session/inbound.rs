@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, trace, warn};
 
 /// A connection whose reads were held stops being shown as blocked after this long without a hold.
 const UNBLOCK_IDLE: Duration = Duration::from_millis(250);
@@ -623,15 +623,46 @@ impl Inbound {
         if st.held().is_zero() {
             self.end_hold();
         }
+        let mut decision = decision;
+        if let Verdict::Divert {
+            exchange,
+            routing_key,
+            checked: false,
+        } = &decision.verdict
+        {
+            // Never let a divert become a 404 channel close for the client.
+            if !self
+                .rt
+                .divert_targets
+                .exists(&self.listener, exchange, routing_key)
+                .await
+            {
+                let target = if exchange.is_empty() {
+                    format!("queue '{routing_key}'")
+                } else {
+                    format!("exchange '{exchange}'")
+                };
+                warn!(producer = %producer, %target, "divert target does not exist: publish shed instead");
+                decision.verdict = Verdict::Shed {
+                    reason: format!("divert target {target} does not exist").into(),
+                };
+                decision.kind = VerdictKind::Shed;
+            }
+        }
         for (kind, _) in &decision.would {
             stats.record(*kind, p.body_size);
         }
         stats.record(decision.kind, p.body_size);
+        self.rt
+            .metrics
+            .verdicts
+            .record(&stats, &decision, p.body_size);
         match decision.verdict {
             Verdict::Forward => self.forward(ch, &p.frames, None),
             Verdict::Divert {
                 exchange,
                 routing_key,
+                ..
             } => {
                 let m = reply::publish(
                     ch,
@@ -644,7 +675,7 @@ impl Inbound {
             }
             Verdict::Shed { reason } => {
                 let by = decision.by.as_deref().unwrap_or("policy");
-                debug!(producer = %producer, by, %reason, "publish shed");
+                trace!(producer = %producer, by, %reason, "publish shed");
                 self.shed(ch, &p.frames, &publish, &reason, &active);
             }
         }
