@@ -44,7 +44,10 @@ CRITICAL_QUEUE = producers.TASK_QUEUES["auth"]
 OVERFLOW = {q: f"overflow.{q}" for q in producers.TASK_QUEUES.values()}
 # Overflow twins page to disk: lazy on 3.x; classic v2 (the default on 4.x, where the mode
 # argument is ignored) keeps even the index of small messages out of memory.
-OVERFLOW_ARGS = {"x-queue-mode": "lazy", "x-queue-version": 2}
+OVERFLOW_ARGS = json.loads(os.environ.get("DRILL_OVERFLOW_ARGS", "null")) or {
+    "x-queue-mode": "lazy",
+    "x-queue-version": 2,
+}
 FLOOD_PRODUCER = "hotfix-svc"
 CRITICAL_PRODUCER = "web-login"
 
@@ -65,7 +68,7 @@ def default_sluice_bin() -> str:
 
 @dataclass
 class DrillConfig:
-    baseline: float = 10.0  # seconds of critical traffic alone, after warm-up
+    baseline: float = 15.0  # seconds of critical traffic alone, after warm-up
     flood: float = 30.0  # seconds of flood
     recovery: float = 10.0  # seconds of critical traffic after the flood stops
     warmup: float = 2.0  # first seconds of critical traffic, not counted
@@ -74,6 +77,7 @@ class DrillConfig:
     payload_bytes: int = 2000
     critical_rate: float = 50.0
     critical_timeout: float = 2.0  # a login's budget for its audit publish
+    critical_workers: int = 8  # web-login's worker threads, a connection each
     headroom_mb: float = 200.0  # watermark = broker memory at start + this
     sluice_bin: str = field(default_factory=default_sluice_bin)
     sluice_config: str = str(HERE / "sluice-drill.toml")
@@ -213,7 +217,7 @@ class Sluice:
                 p["errors"][labels.get("kind", "")] = int(v)
             elif name == "sluice_plugin_disabled":
                 p["disabled"] = p["disabled"] or v > 0
-            elif name == "sluice_plugin_counter_total":
+            elif name == "sluice_plugin_events_total":
                 p["counters"][labels.get("name", "")] = int(v)
         return out
 
@@ -323,6 +327,7 @@ class Phase:
         records: list = []
         notes: list[str] = []
         mem = alarms = None
+        crit_ready = threading.Event()
         try:
             for q in producers.TASK_QUEUES.values():
                 queues.declare(q)
@@ -353,6 +358,8 @@ class Phase:
                         continue
                     if item[0] == "publish":
                         records.append(item[1:])
+                    elif item[0] == "ready":
+                        crit_ready.set()
                     elif item[0] == "error":
                         notes.append(item[1])
                     elif item[0] == "done":
@@ -360,7 +367,7 @@ class Phase:
 
             crit_proc = self.ctx.Process(
                 target=producers.critical_main,
-                args=(url, cfg.critical_rate, cfg.critical_timeout, out, stop_crit),
+                args=(url, cfg.critical_rate, cfg.critical_timeout, out, stop_crit, cfg.critical_workers),
                 name="web-login",
                 daemon=True,
             )
@@ -379,11 +386,11 @@ class Phase:
                 p.start()
                 flood_procs.append(p)
             ready_by = time.time() + 60
-            while time.time() < t0 + cfg.warmup or not all(
+            while time.time() < t0 + cfg.warmup or not crit_ready.is_set() or not all(
                 counters[4 * i + 3] for i in range(cfg.flood_procs)
             ):
                 if time.time() > ready_by or any(not p.is_alive() for p in flood_procs):
-                    raise RuntimeError("the hotfix-svc processes did not connect")
+                    raise RuntimeError("the web-login or hotfix-svc processes did not connect")
                 self._sample(res, counters, sl)
                 time.sleep(0.1)
             res.base_start = time.time()
@@ -408,8 +415,14 @@ class Phase:
                         res.flood_end = time.time()
                         if self.stop_at_alarm and alarm_now:
                             self.log(f"alarm after {res.flood_end - res.flood_start:.1f} s of flood: stopping it")
+                        # Celery closes its connection once what it wrote has gone out: through
+                        # sluice that is the paced tail of its socket buffers, so give it time
+                        # (killing it would reset the socket and drop the tail). A blocked broker
+                        # never lets it finish: that is the incident, it is killed after 10 s.
                         stopper = threading.Thread(
-                            target=self._stop_processes, args=(flood_procs,), daemon=True
+                            target=self._stop_processes,
+                            args=(flood_procs, 45.0 if sl is not None else 10.0),
+                            daemon=True,
                         )
                         stopper.start()
                         stage = "recovery"
@@ -418,8 +431,8 @@ class Phase:
                     # read (paced): wait for the flood's connections to end before counting.
                     if sl is None or sl.producer_connections(FLOOD_PRODUCER) == 0:
                         break
-                    if now >= res.flood_end + cfg.recovery + 30:
-                        notes.append("hotfix-svc connections to sluice still open 30 s after the flood")
+                    if now >= res.flood_end + cfg.recovery + 50:
+                        notes.append("hotfix-svc connections to sluice still open 50 s after the flood")
                         break
                 self._sample(res, counters, sl)
                 if now >= next_report and not cfg.quiet:
@@ -494,8 +507,8 @@ class Phase:
             res.verdict_series.append((time.time(), v))
 
     @staticmethod
-    def _stop_processes(procs) -> None:
-        deadline = time.monotonic() + 5
+    def _stop_processes(procs, grace: float = 5.0) -> None:
+        deadline = time.monotonic() + grace
         for p in procs:
             p.join(timeout=max(0.1, deadline - time.monotonic()))
         for p in procs:
@@ -684,8 +697,17 @@ class Drill:
 
     def run_phase(self, name: str, stop_at_alarm: bool = False) -> PhaseResult:
         if self.results:
+            # Start from the same broker state as the first phase: memory back near where it was
+            # (garbage collected), the alarm (if the last phase tripped it) cleared.
+            limit = self.memory_base + 0.25 * self.cfg.headroom_mb * 1e6
+            deadline = time.monotonic() + 90
             m = broker.settle_memory(self.node_pid, log=self.log)
+            while (m > limit or "memory" in broker.active_alarms()) and time.monotonic() < deadline:
+                time.sleep(5)
+                m = broker.settle_memory(self.node_pid, log=self.log)
             self.log(f"broker memory back to {m / 1e6:.0f} MB before the {name} phase")
+            if m > limit:
+                self.log(f"!! still above {limit / 1e6:.0f} MB: the {name} phase starts on a fuller broker")
         res = Phase(self, name, stop_at_alarm).run()
         self.results[name] = res
         s = res.summary
@@ -891,6 +913,7 @@ def main(argv=None) -> int:
     ap.add_argument("--payload-bytes", type=int, default=d.payload_bytes)
     ap.add_argument("--critical-rate", type=float, default=d.critical_rate)
     ap.add_argument("--critical-timeout", type=float, default=d.critical_timeout)
+    ap.add_argument("--critical-workers", type=int, default=d.critical_workers)
     ap.add_argument("--headroom-mb", type=float, default=d.headroom_mb, help="watermark = broker memory at start + this")
     ap.add_argument("--sluice-bin", default=d.sluice_bin)
     ap.add_argument("--config", default=d.sluice_config, help="the sluice config under test")
@@ -908,7 +931,7 @@ def main(argv=None) -> int:
     cfg = DrillConfig(
         baseline=a.baseline, flood=a.flood, recovery=a.recovery, flood_procs=a.flood_procs,
         payload_bytes=a.payload_bytes, critical_rate=a.critical_rate,
-        critical_timeout=a.critical_timeout, headroom_mb=a.headroom_mb, sluice_bin=a.sluice_bin,
+        critical_timeout=a.critical_timeout, critical_workers=a.critical_workers, headroom_mb=a.headroom_mb, sluice_bin=a.sluice_bin,
         sluice_config=str(Path(a.config).resolve()), workdir=str(Path(a.results) / "work"),
     )
     load_before = machine_note()

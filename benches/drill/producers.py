@@ -3,9 +3,10 @@
 * ``hotfix-svc`` (the bad deploy): several processes call ``send_task("reports.rebuild")`` as
   fast as Celery goes, with a ~2 KB argument, Celery's defaults otherwise (no publisher
   confirms, publish retries on).
-* ``web-login`` (the critical path): one process calls ``send_task("auth.login_audit")`` at a
-  steady rate with ``confirm_publish``, timing each login from its arrival. A login not
-  confirmed within its budget failed.
+* ``web-login`` (the critical path): logins arrive at a steady rate and are served by a pool of
+  worker threads (a connection each), each calling ``send_task("auth.login_audit")`` with
+  ``confirm_publish``; every login is timed from its arrival. A login not confirmed within its
+  budget failed.
 
 Both name themselves with the ``connection_name`` client property, which is how sluice tells
 producers apart. Neither knows whether it talks to the broker or to sluice: only the URL differs.
@@ -85,28 +86,79 @@ def flood_main(url: str, index: int, counters, go, stop, payload_bytes: int, nic
         pass
 
 
-def critical_main(url: str, rate: float, budget: float, out, stop) -> None:
-    """web-login: a login every ``1/rate`` seconds, each publishing one task with confirms.
+def critical_main(url: str, rate: float, budget: float, out, stop, workers: int = 8) -> None:
+    """web-login: a login every ``1/rate`` seconds, each publishing one task with confirms,
+    served by ``workers`` threads with a connection each (a web server's worker pool).
 
-    Latency is measured from the moment the login arrived (its slot), not from when the
-    publisher got to it, so a stuck publish also counts against the logins queued behind it.
-    A login whose audit is not confirmed within ``budget`` seconds of its arrival failed: the
-    publish timed out or errored, or the login waited that long for the publisher and was never
-    attempted. After a failed publish the next login uses a fresh connection, as a web worker
-    would. Results go to ``out`` as ("publish", slot time, latency s, confirmed, error, task id,
-    publish call s)."""
+    Latency is measured from the moment the login arrived, not from when a worker got to it, so
+    a stuck broker also counts against the logins waiting for a free worker. A login whose
+    audit is not confirmed within ``budget`` seconds of its arrival failed: the publish timed
+    out or errored, or it waited that long for a worker and was never attempted. After a failed
+    publish a worker reconnects. Results go to ``out`` as ("publish", arrival, latency s,
+    confirmed, error, task id, publish call s)."""
+    import queue
+    import threading
+
     app = celery_app(url, "web-login", confirm=True, timeout=budget)
-    conn = producer = None
+    arrivals: queue.Queue = queue.Queue()
+    ready = threading.Barrier(workers + 1)
 
     def connect():
         c = app.connection_for_write()
         c.ensure_connection(max_retries=1, timeout=budget)
         return c, app.amqp.Producer(c)
 
-    try:
-        conn, producer = connect()
-    except Exception as e:
-        out.put(("error", f"web-login could not connect: {e!r}"))
+    def worker():
+        conn = producer = None
+        try:
+            conn, producer = connect()
+        except Exception as e:
+            out.put(("error", f"web-login could not connect: {e!r}"))
+        ready.wait()
+        while True:
+            item = arrivals.get()
+            if item is None:
+                break
+            slot, tid = item
+            age = time.time() - slot
+            if age >= budget:
+                out.put(("publish", slot, age, False, "late", tid, 0.0))
+                continue
+            p0 = time.perf_counter()
+            try:
+                if conn is None:
+                    conn, producer = connect()
+                left = max(0.05, budget - (time.time() - slot))
+                app.send_task(
+                    CRITICAL_TASK,
+                    args=[{"user": f"u{int(slot * 1000) % 100000}", "ip": "203.0.113.7", "ok": True}],
+                    task_id=tid,
+                    producer=producer,
+                    retry=False,
+                    timeout=left,
+                    confirm_timeout=left,
+                )
+                out.put(("publish", slot, time.time() - slot, True, "", tid, time.perf_counter() - p0))
+            except Exception as e:  # timed out, nacked, connection lost: a failed login
+                out.put(("publish", slot, time.time() - slot, False, type(e).__name__, tid,
+                         time.perf_counter() - p0))
+                if conn is not None:
+                    try:
+                        conn.collect()  # drop the socket without a close handshake
+                    except Exception:
+                        pass
+                conn = producer = None
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception:
+                pass
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    out.put(("ready",))
     interval = 1.0 / rate
     next_t = time.time()
     while not stop.is_set():
@@ -114,40 +166,10 @@ def critical_main(url: str, rate: float, budget: float, out, stop) -> None:
         if now < next_t:
             stop.wait(min(next_t - now, 0.05))
             continue
-        slot = next_t
+        arrivals.put((next_t, str(uuid.uuid4())))
         next_t += interval
-        tid = str(uuid.uuid4())
-        age = now - slot
-        if age >= budget:
-            out.put(("publish", slot, age, False, "late", tid, 0.0))
-            continue
-        p0 = time.perf_counter()
-        try:
-            if conn is None:
-                conn, producer = connect()
-            left = max(0.05, budget - (time.time() - slot))
-            app.send_task(
-                CRITICAL_TASK,
-                args=[{"user": f"u{int(slot * 1000) % 100000}", "ip": "203.0.113.7", "ok": True}],
-                task_id=tid,
-                producer=producer,
-                retry=False,
-                timeout=left,
-                confirm_timeout=left,
-            )
-            out.put(("publish", slot, time.time() - slot, True, "", tid, time.perf_counter() - p0))
-        except Exception as e:  # timed out, nacked, connection lost: a failed login
-            out.put(("publish", slot, time.time() - slot, False, type(e).__name__, tid,
-                     time.perf_counter() - p0))
-            if conn is not None:
-                try:
-                    conn.collect()  # drop the socket without a close handshake
-                except Exception:
-                    pass
-            conn = producer = None
-    if conn is not None:
-        try:
-            conn.release()
-        except Exception:
-            pass
+    for _ in threads:
+        arrivals.put(None)
+    for t in threads:
+        t.join(timeout=budget + 5)
     out.put(("done",))

@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.broker_wide, pytest.mark.timeout(480)]
 def test_through_sluice_a_celery_flood_neither_trips_the_broker_alarm_nor_slows_logins(tmp_path):
     bin_ = os.environ.get("SLUICE_BIN") or drill.default_sluice_bin()
     cfg = drill.DrillConfig(
-        baseline=10.0,
+        baseline=15.0,
         flood=15.0,
         recovery=3.0,
         sluice_bin=bin_,
