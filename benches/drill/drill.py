@@ -409,7 +409,7 @@ class Phase:
                     res.flood_start = time.time()
                     stage = "flood"
                 elif stage == "flood":
-                    alarm_now = any(w == "set" for _, w in alarms.events)
+                    alarm_now = any(w == "set" and t >= res.flood_start for t, w in alarms.events)
                     if now >= res.flood_start + cfg.flood or (self.stop_at_alarm and alarm_now):
                         stop_flood.set()
                         res.flood_end = time.time()
@@ -585,7 +585,8 @@ def summarize(res: PhaseResult, cfg: DrillConfig) -> dict:
     shed = int(hv.get("shed", 0))
     in_broker = depth_q + depth_o
     spans = broker.alarm_spans(res.alarm_events, res.t0, res.t_end, res.alarm_at_start)
-    first_alarm = next((a for a, _ in spans if a >= res.flood_start - 1), None)
+    first_alarm = next((a for a, _ in spans if a >= res.flood_start), None)
+    before_flood = any(a < res.flood_start for a, _ in spans)
     mem_peak = max((b for _, b in res.memory), default=res.memory_start)
     flood_secs = max(res.flood_end - res.flood_start, 1e-6)
     return {
@@ -636,6 +637,7 @@ def summarize(res: PhaseResult, cfg: DrillConfig) -> dict:
             "alarm_seconds": round(sum(b - a for a, b in spans), 1),
             "alarm_first_after_flood_s": None if first_alarm is None else round(first_alarm - res.flood_start, 1),
             "alarm_set_at_start": res.alarm_at_start,
+            "alarm_before_flood": before_flood,
             "alarm_events": len(res.alarm_events),
         },
         "depths": res.depths,
@@ -748,6 +750,17 @@ def table(results: dict[str, PhaseResult]) -> str:
             f"{fmt_ms(s['critical'][w]['max_ms'])}"
         )
 
+    def alarm_cell(s):
+        b = s["broker"]
+        if not b["alarm_events"] and not b["alarm_set_at_start"]:
+            return "never"
+        when = []
+        if b["alarm_before_flood"]:
+            when.append("set BEFORE the flood: something else filled the broker")
+        if b["alarm_first_after_flood_s"] is not None:
+            when.append(f"after {b['alarm_first_after_flood_s']} s of flood")
+        return f"{b['alarm_seconds']} s ({'; '.join(when)})"
+
     def verdict(key):
         return lambda s: fmt_n(s["flood"][key]) if s["flood"][key] is not None else "-"
 
@@ -769,9 +782,7 @@ def table(results: dict[str, PhaseResult]) -> str:
         row("sluice policy errors", lambda s: "-" if not s["policies"] else ", ".join(
             f"{p}: {sum(h['errors'].values())}{' (DISABLED)' if h['disabled'] else ''}"
             for p, h in s["policies"].items())),
-        row("**broker** memory alarm", lambda s: (
-            f"{s['broker']['alarm_seconds']} s (after {s['broker']['alarm_first_after_flood_s']} s of flood)"
-            if s["broker"]["alarm_seconds"] else "never")),
+        row("**broker** memory alarm (publishers blocked)", alarm_cell),
         row("memory start → peak (watermark)", lambda s: f"{s['broker']['memory_start_mb']:.0f} → {s['broker']['memory_peak_mb']:.0f} MB ({s['broker']['watermark_mb']:.0f} MB)"),
         row(f"queue depths at the end: {FLOOD_QUEUE} / overflow", lambda s: f"{fmt_n(s['depths'].get(FLOOD_QUEUE))} / {fmt_n(s['depths'].get(OVERFLOW[FLOOD_QUEUE]))}"),
         row(f"{CRITICAL_QUEUE}", lambda s: f"{fmt_n(s['critical']['in_broker'])}"),
