@@ -803,7 +803,7 @@ def write_results(results: dict[str, PhaseResult], cfg: DrillConfig, outdir: Pat
     outdir.mkdir(parents=True, exist_ok=True)
     tbl = table(results)
     header = (
-        f"Flood drill, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {cfg.flood_procs} hotfix-svc processes "
+        f"Flood drill, {extra.get('when') or time.strftime('%Y-%m-%d %H:%M %Z')}: {cfg.flood_procs} hotfix-svc processes "
         f"({cfg.payload_bytes} B tasks) for {cfg.flood:.0f} s after {cfg.baseline:.0f} s of web-login "
         f"alone ({cfg.critical_rate:.0f}/s, confirms, {cfg.critical_timeout:.0f} s budget); watermark "
         f"{next(iter(results.values())).watermark / 1e6:.0f} MB; {extra.get('load', '')}."
@@ -913,6 +913,24 @@ def chart(results: dict[str, PhaseResult], cfg: DrillConfig, path: Path) -> Path
 # CLI
 
 
+def replot(outdir: Path) -> int:
+    """Table and chart again from a run's raw series (results/work/series.json)."""
+    raw = json.loads((outdir / "drill.json").read_text())
+    cfg = DrillConfig(**{k: v for k, v in raw["config"].items() if k in DrillConfig.__dataclass_fields__})
+    series = json.loads((Path(cfg.workdir) / "series.json").read_text())
+    results = {}
+    for name, data in series.items():
+        data.pop("summary", None)
+        res = PhaseResult(**{k: v for k, v in data.items() if k in PhaseResult.__dataclass_fields__})
+        res.critical = [tuple(r) for r in res.critical]
+        res.summary = summarize(res, cfg)
+        results[name] = res
+    out = write_results(results, cfg, outdir, raw.get("extra", {}))
+    print(out["header"] + "\n\n" + out["table"])
+    print(f"chart: {chart(results, cfg, outdir / 'drill.png')}")
+    return 0
+
+
 def main(argv=None) -> int:
     d = DrillConfig()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -931,7 +949,10 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=str(HERE / "results"))
     ap.add_argument("--no-chart", action="store_true")
     ap.add_argument("--restore", action="store_true", help="only restore a watermark an interrupted drill left lowered")
+    ap.add_argument("--replot", action="store_true", help="redo the table and chart of the last run in --results")
     a = ap.parse_args(argv)
+    if a.replot:
+        return replot(Path(a.results))
     if a.restore:
         orig = broker.restore_stale_state()
         print("nothing to restore" if orig is None else "restored")
@@ -946,10 +967,11 @@ def main(argv=None) -> int:
         sluice_config=str(Path(a.config).resolve()), workdir=str(Path(a.results) / "work"),
     )
     load_before = machine_note()
+    when = time.strftime("%Y-%m-%d %H:%M %Z")
     with Drill(cfg) as drill:
         for p in phases:
             drill.run_phase(p)
-    out = write_results(drill.results, cfg, Path(a.results), {"load": load_before, "load_after": machine_note()})
+    out = write_results(drill.results, cfg, Path(a.results), {"load": load_before, "load_after": machine_note(), "when": when})
     print()
     print(out["header"])
     print()
