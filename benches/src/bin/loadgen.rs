@@ -10,7 +10,7 @@
 
 use anyhow::Result;
 use clap::Parser;
-use sluice_benches::loadgen::{self, parse_tasks, ConfirmMode, Shape, TaskWeight};
+use sluice_benches::loadgen::{self, parse_tasks, ConfirmMode, Shape};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -61,8 +61,8 @@ struct Args {
     #[arg(long, default_value = "loadgen")]
     name_prefix: String,
     /// Celery task mix, e.g. `reports.rebuild:90,auth.login_audit:10` (implies Celery messages).
-    #[arg(long, value_parser = parse_tasks_arg)]
-    tasks: Option<Vec<TaskWeight>>,
+    #[arg(long)]
+    tasks: Option<String>,
     /// Publish with the `mandatory` flag (unroutable messages come back as returns).
     #[arg(long)]
     mandatory: bool,
@@ -91,10 +91,6 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
-fn parse_tasks_arg(s: &str) -> Result<Vec<TaskWeight>, String> {
-    parse_tasks(s)
-}
-
 async fn run(args: Args) -> Result<bool> {
     let mut cfg = loadgen::Config::new(&args.url, &args.queue);
     cfg.broker_url = (!args.broker_url.is_empty()).then(|| args.broker_url.clone());
@@ -108,7 +104,10 @@ async fn run(args: Args) -> Result<bool> {
     cfg.exchange = args.exchange;
     cfg.declare = args.declare;
     cfg.name_prefix = args.name_prefix;
-    cfg.tasks = args.tasks;
+    cfg.tasks = match &args.tasks {
+        Some(t) => Some(parse_tasks(t).map_err(|e| anyhow::anyhow!("--tasks: {e}"))?),
+        None => None,
+    };
     cfg.mandatory = args.mandatory;
     cfg.progress = !args.quiet;
     cfg.timeout = Duration::from_secs(args.timeout);

@@ -523,18 +523,17 @@ impl Harness {
             cfg.tasks = Some(self.tasks.clone());
         }
         let me = std::process::id();
-        let cpu = |pid: Option<u32>| pid.and_then(|p| procs::cpu_seconds(p, self.ticks).ok());
-        let before = (
-            cpu(proc.map(Proc::pid)),
-            cpu(self.broker_pid),
-            cpu(Some(me)),
-        );
+        // The proxies and the broker keep their threads: schedstat's nanoseconds. This process
+        // starts and ends a lapin I/O thread per connection: tick-based totals that keep them.
+        let cpu = |pid: Option<u32>| {
+            pid.and_then(|p| {
+                procs::cpu_seconds_precise(p).or_else(|| procs::cpu_seconds(p, self.ticks).ok())
+            })
+        };
+        let own = || procs::cpu_seconds(me, self.ticks).ok();
+        let before = (cpu(proc.map(Proc::pid)), cpu(self.broker_pid), own());
         let s = loadgen::run(&cfg).await?;
-        let after = (
-            cpu(proc.map(Proc::pid)),
-            cpu(self.broker_pid),
-            cpu(Some(me)),
-        );
+        let after = (cpu(proc.map(Proc::pid)), cpu(self.broker_pid), own());
         let depth = settled_depth(admin, &queue).await?;
         let _ = admin
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -221,8 +221,26 @@ pub async fn run(cfg: &Config) -> Result<Summary> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    for (_, c) in conns {
-        let _ = c.close(200, "loadgen done".into()).await;
+    // Close concurrently, each bounded: a proxy that never answers `connection.close` must not
+    // hang the run (it is reported instead).
+    let mut closing = tokio::task::JoinSet::new();
+    for (i, c) in conns {
+        closing.spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), c.close(200, "loadgen done".into()))
+                .await
+            {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("producer {i}: connection.close failed: {e}")),
+                Err(_) => Some(format!(
+                    "producer {i}: connection.close not answered within 10 s"
+                )),
+            }
+        });
+    }
+    while let Some(r) = closing.join_next().await {
+        if let Ok(Some(e)) = r {
+            totals.errors.push(e);
+        }
     }
     let depth = match &cfg.broker_url {
         Some(b) => Some(settled_depth(b, &cfg.queue).await?),
