@@ -82,6 +82,7 @@ class DrillConfig:
     sluice_bin: str = field(default_factory=default_sluice_bin)
     sluice_config: str = str(HERE / "sluice-drill.toml")
     workdir: str = str(HERE / "results" / "work")
+    idle_wait: float = 120.0  # seconds to wait for other clients of the broker to go away
     quiet: bool = False
 
 
@@ -665,7 +666,14 @@ class Drill:
         broker.restore_stale_state(self.log)
         self.node_pid = broker.node_pid()
         self.log_file = broker.node_log_file()
+        # The drill measures the broker: wait a while for other clients to finish.
+        deadline = time.monotonic() + self.cfg.idle_wait
         others = [c for c in broker.client_connections() if not c.startswith("sluice-drill")]
+        if others and self.cfg.idle_wait > 0:
+            self.log(f"waiting up to {self.cfg.idle_wait:.0f} s for {len(others)} other client connection(s) to end")
+        while others and time.monotonic() < deadline:
+            time.sleep(5)
+            others = [c for c in broker.client_connections() if not c.startswith("sluice-drill")]
         if others:
             self.log(
                 f"note: {len(others)} other client connection(s) on the broker "
