@@ -29,7 +29,7 @@ import threading
 import time
 import tomllib
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -304,9 +304,9 @@ class PhaseResult:
 
 
 class Phase:
-    def __init__(self, drill: "Drill", name: str, stop_at_alarm: bool = False):
+    def __init__(self, drill: "Drill", name: str, stop_at_alarm: bool = False, flood: float | None = None):
         self.drill = drill
-        self.cfg = drill.cfg
+        self.cfg = drill.cfg if flood is None else replace(drill.cfg, flood=flood)
         self.name = name
         self.stop_at_alarm = stop_at_alarm
         self.ctx = mp.get_context("spawn")
@@ -705,7 +705,8 @@ class Drill:
         if self._wm is not None:
             self._wm.restore()
 
-    def run_phase(self, name: str, stop_at_alarm: bool = False) -> PhaseResult:
+    def run_phase(self, name: str, stop_at_alarm: bool = False, flood: float | None = None) -> PhaseResult:
+        """One phase; ``flood`` overrides the flood's duration (with ``stop_at_alarm``: at most)."""
         if self.results:
             # Start from the same broker state as the first phase: memory back near where it was
             # (garbage collected), the alarm (if the last phase tripped it) cleared.
@@ -718,7 +719,7 @@ class Drill:
             self.log(f"broker memory back to {m / 1e6:.0f} MB before the {name} phase")
             if m > limit:
                 self.log(f"!! still above {limit / 1e6:.0f} MB: the {name} phase starts on a fuller broker")
-        res = Phase(self, name, stop_at_alarm).run()
+        res = Phase(self, name, stop_at_alarm, flood).run()
         self.results[name] = res
         s = res.summary
         self.log(

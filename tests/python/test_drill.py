@@ -11,8 +11,8 @@ config a platform team would ship (``benches/drill/sluice-drill.toml``):
 * every web-login task the broker confirmed is in the broker;
 * the flood lands in the task queue or its overflow twin: nothing Celery sent is lost or shed.
 
-As a control, the same flood is then sent straight to the broker until its alarm fires (it must,
-or the drill proves nothing on this machine).
+As a control, the same flood is then sent straight to the broker until its alarm fires (within
+45 s; it must, or the drill proves nothing on this machine).
 
 It changes broker-wide state, so it is marked ``broker_wide``: deselected by default and run
 alone with ``make test-drill``. The watermark is restored whatever happens (and, should the run
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benches" / "drill"))
 
 import drill  # noqa: E402
 
-pytestmark = [pytest.mark.broker_wide, pytest.mark.timeout(480)]
+pytestmark = [pytest.mark.broker_wide, pytest.mark.timeout(600)]
 
 
 def test_through_sluice_a_celery_flood_neither_trips_the_broker_alarm_nor_slows_logins(tmp_path):
@@ -46,7 +46,8 @@ def test_through_sluice_a_celery_flood_neither_trips_the_broker_alarm_nor_slows_
     )
     with drill.Drill(cfg) as d:
         s = d.run_phase("sluice").summary
-        control = d.run_phase("direct", stop_at_alarm=True).summary
+        # The control floods until the alarm fires, for at most 45 s.
+        control = d.run_phase("direct", stop_at_alarm=True, flood=45.0).summary
     report = drill.table(d.results)
     (tmp_path / "drill.md").write_text(report + "\n")
     print("\n" + report)
