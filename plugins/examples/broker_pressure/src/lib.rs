@@ -90,7 +90,7 @@ impl Policy for BrokerPressure {
                 p.min_factor
             ));
         }
-        if !(p.target_latency_ms > 0.0) {
+        if p.target_latency_ms.is_nan() || p.target_latency_ms <= 0.0 {
             return Err("target_latency_ms must be positive".into());
         }
         Ok(p)
