@@ -116,6 +116,10 @@ impl Producer {
             }
             ConfirmMode::Batch(window) => self.windowed(ch, &mut rng, window, out).await?,
         }
+        // channel.close-ok comes after the broker has received every publish on the channel: the
+        // run's time includes the last message landing (without confirms too), and the
+        // connection closes with no channel mid-close.
+        ch.close(200, "producer done".into()).await?;
         Ok(())
     }
 
