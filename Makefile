@@ -7,7 +7,8 @@ CARGO_TARGET_DIR ?= $(CURDIR)/target
 export CARGO_TARGET_DIR
 VENV ?= $(CURDIR)/.venv
 
-.PHONY: run test test-rust test-python broker venv lint plugins test-plugins test-drill
+# make test-broker-wide  the broker-wide tests (flood drill, broker faults), alone
+.PHONY: test-broker-wide run test test-rust test-python broker venv lint plugins test-plugins test-drill test-faults
 
 run: broker plugins
 	cargo build --release -p sluice
@@ -17,7 +18,10 @@ test: broker venv plugins test-plugins
 	cargo build -p sluice
 	cargo test --workspace
 	SLUICE_BIN=$(CARGO_TARGET_DIR)/debug/sluice $(VENV)/bin/python -m pytest -q tests/python
-	$(MAKE) test-drill
+
+# Tests that change state every other test shares (RabbitMQ's memory watermark, its application
+# stopped and started): run alone, after `make test`, on a machine nothing else is loading.
+test-broker-wide: test-faults test-drill
 
 broker:
 	.ci/ensure-rabbitmq
@@ -48,3 +52,10 @@ test-plugins:
 test-drill: broker venv plugins
 	cargo build --release -p sluice
 	SLUICE_BIN=$(CARGO_TARGET_DIR)/release/sluice $(VENV)/bin/python -m pytest -q -m broker_wide tests/python/test_drill.py
+
+# Broker faults (tests/tests/broker_faults.rs): RabbitMQ's application stopped and started under
+# load, its memory alarm raised. They change the broker every test shares, so they run alone, one
+# at a time, after everything else; without SLUICE_BROKER_FAULTS=1 they skip themselves. The
+# broker is always put back (application started, watermark restored), even when a test fails.
+test-faults: broker
+	SLUICE_BROKER_FAULTS=1 cargo test -p sluice-tests --test broker_faults -- --test-threads=1

@@ -4,7 +4,7 @@
 //!
 //! `make plugins && cargo bench -p sluice-benches --bench plugin_eval`
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use sluice::plugin::{MessageFacts, PluginEngine, PluginShared, Policy, PolicySettings};
 use sluice_benches::celery::CeleryMessage;
 use sluice_benches::plugin_path;

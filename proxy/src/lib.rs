@@ -21,5 +21,6 @@ pub mod server;
 pub mod session;
 pub mod telemetry;
 pub mod tls;
+pub mod top;
 
 pub use server::Server;

@@ -10,7 +10,26 @@ use std::time::Duration;
 
 /// Broker-protection proxy: per-producer quotas in front of RabbitMQ.
 #[derive(Parser)]
-#[command(name = "sluice", version, about, long_about = None)]
+#[command(
+    name = "sluice",
+    version,
+    about,
+    long_about = None,
+    after_help = "\
+Examples:
+  sluice run -c /etc/sluice/sluice.toml --log-format json
+  sluice check /etc/sluice/sluice.toml
+  sluice top --admin 127.0.0.1:9090
+  sluice completions bash > /etc/bash_completion.d/sluice
+
+Each subcommand has its own --help.
+
+Exit status:
+  0  success (sluice run: stopped by SIGTERM/SIGINT after draining)
+  1  failure: invalid config, cannot bind or start, plugin error, admin API unreachable
+     or refusing the token, drain timed out
+  2  command-line usage error",
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,22 +39,71 @@ struct Cli {
 enum Command {
     /// Run the proxy.
     ///
-    /// Example: sluice run -c config/sluice.toml
+    /// SIGHUP (or POST /v1/reload, or a change of the file) reloads the config; SIGTERM and
+    /// SIGINT stop accepting, let publishes already read reach the broker and their confirms
+    /// reach clients (up to 10 s), then exit 0.
+    #[command(after_help = concat!("\
+Examples:
+  sluice run -c config/sluice.toml
+  sluice run -c /etc/sluice/sluice.toml --log-format json
+  RUST_LOG=sluice=debug sluice run -c sluice.toml
+
+", "Exit status: 0 after a clean stop, 1 if sluice cannot start (invalid config, address in use)."))]
     Run {
         /// Config file.
-        #[arg(short, long, default_value = "sluice.toml")]
+        #[arg(short, long, value_name = "FILE", default_value = "sluice.toml")]
         config: PathBuf,
-        /// Log format.
+        /// Log format: text (human) or json (one object per line).
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
     },
     /// Validate a config file offline; exits non-zero and lists every problem with its line.
     ///
-    /// Divert targets are checked when the broker is reachable, skipped with a warning otherwise.
-    /// Example: sluice check config/sluice.toml
+    /// Plugins are compiled and initialised with their config. Divert targets are checked when
+    /// the broker is reachable, skipped with a warning otherwise.
+    #[command(after_help = "\
+Examples:
+  sluice check config/sluice.toml
+  sluice check /etc/sluice/sluice.toml && systemctl reload sluice
+
+Exit status: 0 valid, 1 invalid (every problem is listed with its line).")]
     Check {
         /// Config file.
+        #[arg(value_name = "FILE")]
         file: PathBuf,
+    },
+    /// Live view of the producers of a running sluice (GET /v1/producers once a second).
+    ///
+    /// Rows are producers, busiest first: publishes per second, shed/divert/delay per second
+    /// (between two refreshes), counts per verdict since start, open and held connections.
+    #[command(after_help = "\
+Examples:
+  sluice top
+  sluice top --admin 10.0.3.7:9090 --token-file /etc/sluice/admin.token --sort shed
+  sluice top --once --json | jq '.producers[] | select(.verdicts.shed > 0) | .producer'
+
+Exit status: 0 (Ctrl-C quits the live view), 1 if the admin API cannot be read (--once).")]
+    Top(sluice::top::TopArgs),
+    /// Wait until a running sluice has no client connections left (for a preStop hook).
+    ///
+    /// Polls /metrics until sluice_connections is 0 or the timeout passes. An unreachable
+    /// admin API counts as drained.
+    #[command(after_help = "\
+Examples:
+  sluice drain --timeout 20s
+  sluice drain --admin 127.0.0.1:9090 --token-file /etc/sluice/admin.token
+
+Exit status: 0 drained, 1 connections still open at the timeout.")]
+    Drain(sluice::top::DrainArgs),
+    /// Print a shell completion script.
+    #[command(after_help = "\
+Examples:
+  sluice completions bash > /etc/bash_completion.d/sluice
+  sluice completions zsh > \"${fpath[1]}/_sluice\"
+  sluice completions fish > ~/.config/fish/completions/sluice.fish")]
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
     },
     /// Work with policy plugins.
     Plugin {
@@ -47,13 +115,22 @@ enum Command {
 #[derive(Subcommand)]
 enum PluginCommand {
     /// Run a plugin on messages from a JSON file; print the verdicts and the counters it touched.
-    ///
-    /// Example: sluice plugin test plugins/dist/celery_task_quota.wasm --message msg.json --config cfg.json
+    #[command(after_help = "\
+Examples:
+  sluice plugin test plugins/dist/celery_task_quota.wasm --message msg.json --config cfg.json
+  sluice plugin test policy.wasm --message msgs.json --repeat 100
+
+Exit status: 0 evaluated, 1 the plugin or a file could not be loaded.")]
     Test(sluice::plugin::cli::TestArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "sluice", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -76,6 +153,22 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { file } => rt.block_on(check(file)),
+        Command::Top(args) => match rt.block_on(sluice::top::top(&args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sluice top: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Drain(args) => match rt.block_on(sluice::top::drain(&args)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("sluice drain: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Completions { .. } => ExitCode::SUCCESS,
         Command::Plugin {
             command: PluginCommand::Test(args),
         } => {

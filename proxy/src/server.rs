@@ -83,6 +83,7 @@ impl Server {
             Duration::from_secs(2),
         )));
         tasks.push(tokio::spawn(housekeeping(rt.clone())));
+        tasks.push(tokio::spawn(crate::admin::events::flush_loop(rt.clone())));
         Ok(Server {
             rt,
             listeners,
@@ -130,6 +131,8 @@ impl Server {
         for t in self.tasks {
             t.abort();
         }
+        // Sheds during the drain are logged too.
+        self.rt.metrics.verdicts.flush();
         info!(remaining = self.rt.connections.load(Relaxed), "stopped");
     }
 }

@@ -1052,3 +1052,140 @@ impl Bystander {
         Ok(acked)
     }
 }
+
+/// Whether something accepts TCP connections on the test broker's address.
+pub fn broker_listening() -> bool {
+    broker_addr()
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .is_some_and(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok())
+}
+
+/// Start the broker's RabbitMQ application and wait until it accepts connections again.
+pub fn broker_start_app() -> Result<()> {
+    rabbitmqctl(&["start_app"])?;
+    let _ = rabbitmqctl(&["await_startup"]);
+    for _ in 0..120 {
+        if broker_listening() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    bail!(
+        "RabbitMQ started but does not accept connections on {}",
+        broker_addr()
+    )
+}
+
+/// The broker's RabbitMQ application stopped (`rabbitmqctl stop_app`; the Erlang node stays up,
+/// which makes a restart take seconds). Dropping the guard starts it again, synchronously, even
+/// when the test failed or panicked.
+pub struct BrokerStopped {
+    running: bool,
+}
+
+impl BrokerStopped {
+    /// Stop the application now (every connection is closed by the broker).
+    pub fn stop() -> Result<BrokerStopped> {
+        let guard = BrokerStopped { running: false };
+        rabbitmqctl(&["stop_app"])?;
+        Ok(guard)
+    }
+
+    /// Start it again now.
+    pub fn start(&mut self) -> Result<()> {
+        broker_start_app()?;
+        self.running = true;
+        Ok(())
+    }
+}
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        if !self.running {
+            if let Err(e) = broker_start_app() {
+                eprintln!(
+                    "could not restart RabbitMQ after a test: {e:#}; run `rabbitmqctl start_app`"
+                );
+            }
+        }
+    }
+}
+
+/// The broker's memory high watermark, as `rabbitmqctl set_vm_memory_high_watermark` takes it:
+/// `["0.4"]` or `["absolute", "1073741824"]`.
+pub fn broker_watermark() -> Result<Vec<String>> {
+    let live = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])?;
+    let live = live.trim();
+    if let Some(n) = live
+        .strip_prefix("{absolute,")
+        .and_then(|r| r.strip_suffix('}'))
+    {
+        return Ok(vec!["absolute".into(), n.trim().to_string()]);
+    }
+    let relative: f64 = live
+        .parse()
+        .with_context(|| format!("unexpected watermark {live:?}"))?;
+    if relative >= 0.01 {
+        return Ok(vec![live.to_string()]);
+    }
+    // A tiny value is what a test run killed before it could restore leaves behind: go back to
+    // the configured one.
+    let env = rabbitmqctl(&["environment"])?;
+    let configured = env
+        .split("{vm_memory_high_watermark,")
+        .nth(1)
+        .and_then(|r| r.split('}').next())
+        .map(|v| v.trim().to_string())
+        .filter(|v| v.parse::<f64>().is_ok())
+        .unwrap_or_else(|| "0.4".to_string());
+    eprintln!("broker watermark is {live}, a leftover: restoring the configured {configured}");
+    Ok(vec![configured])
+}
+
+/// The broker's memory watermark set tiny, which raises its memory alarm. Dropping the guard
+/// restores the value it had, synchronously, even when the test failed or panicked.
+pub struct LowWatermark {
+    original: Vec<String>,
+    restored: bool,
+}
+
+impl LowWatermark {
+    /// Read the current watermark, then set it to `tiny` (e.g. `"0.0000001"`).
+    pub fn set(tiny: &str) -> Result<LowWatermark> {
+        let original = broker_watermark()?;
+        let guard = LowWatermark {
+            original,
+            restored: false,
+        };
+        rabbitmqctl(&["set_vm_memory_high_watermark", tiny])?;
+        Ok(guard)
+    }
+
+    /// The watermark that will be restored.
+    pub fn original(&self) -> String {
+        self.original.join(" ")
+    }
+
+    /// Restore the original watermark now.
+    pub fn restore(&mut self) -> Result<()> {
+        let mut args = vec!["set_vm_memory_high_watermark"];
+        args.extend(self.original.iter().map(String::as_str));
+        rabbitmqctl(&args)?;
+        self.restored = true;
+        Ok(())
+    }
+}
+
+impl Drop for LowWatermark {
+    fn drop(&mut self) {
+        if !self.restored {
+            if let Err(e) = self.restore() {
+                eprintln!(
+                    "could not restore the broker watermark to {}: {e:#}",
+                    self.original()
+                );
+            }
+        }
+    }
+}

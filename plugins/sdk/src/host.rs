@@ -37,7 +37,7 @@ pub trait Host {
     fn try_acquire(&self, key: &str, limit: Limit) -> bool;
     /// Recent rate of `try_acquire` calls on `key` (granted or not), per second.
     fn rate(&self, key: &str) -> f64;
-    /// Adds `delta` to a named counter (a metric `sluice_plugin_counter_total{policy,name}`).
+    /// Adds `delta` to a named counter (a metric `sluice_plugin_events_total{policy,name}`).
     /// Use a small, fixed set of names.
     fn incr(&self, name: &str, delta: u64);
     /// Current broker signals.

@@ -62,7 +62,7 @@ pub async fn serve(rt: Arc<Runtime>, sock: TcpListener) {
 /// Who may call what: `/healthz` and `/readyz` are open (probes); `/metrics` is open unless
 /// `metrics_open = false`; everything else needs the bearer token when one is configured, and
 /// `POST /v1/reload` always needs it.
-fn allowed(rt: &Runtime, req: &Request<Incoming>) -> Result<(), Reply> {
+fn allowed(rt: &Runtime, req: &Request<Incoming>) -> Result<(), Box<Reply>> {
     let active = rt.active();
     let admin = &active.config.admin;
     let path = req.uri().path();
@@ -91,12 +91,12 @@ fn allowed(rt: &Runtime, req: &Request<Incoming>) -> Result<(), Reply> {
     if let Ok(v) = "Bearer".parse() {
         r.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, v);
     }
-    Err(r)
+    Err(Box::new(r))
 }
 
 async fn route(rt: &Runtime, req: Request<Incoming>) -> Reply {
     if let Err(refused) = allowed(rt, &req) {
-        return refused;
+        return *refused;
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => reply(
@@ -124,6 +124,13 @@ async fn route(rt: &Runtime, req: Request<Incoming>) -> Reply {
 fn metrics(rt: &Runtime) -> String {
     use std::fmt::Write;
     let mut text = rt.metrics.render();
+    let _ = writeln!(
+        text,
+        "# HELP sluice_config_last_reload_successful 0 while the last reload was refused (the config before it stays in force).\n\
+         # TYPE sluice_config_last_reload_successful gauge\n\
+         sluice_config_last_reload_successful {}",
+        u8::from(rt.last_error.lock().is_none())
+    );
     let active = rt.active();
     let stages = active.chain.policies();
     if !stages.is_empty() {
@@ -141,6 +148,9 @@ fn metrics(rt: &Runtime) -> String {
                 s.rollbacks()
             );
         }
+    }
+    if let Some(c) = &active.coordinator {
+        c.render_prometheus(&mut text);
     }
     text
 }
@@ -182,6 +192,11 @@ fn readyz(rt: &Runtime) -> Reply {
             json!({"upstream": l.upstream.addr, "reachable": ok}),
         );
     }
+    // Redis down is not-ready only for fail-closed global quotas (fail-open ones keep serving).
+    let coordinator = active.coordinator.as_ref().map(|c| {
+        all &= c.ready();
+        c.status()
+    });
     let status = if all {
         StatusCode::OK
     } else {
@@ -189,7 +204,7 @@ fn readyz(rt: &Runtime) -> Reply {
     };
     json_reply(
         status,
-        json!({"ready": all, "shutting_down": rt.shutdown.is_cancelled(), "listeners": detail}),
+        json!({"ready": all, "shutting_down": rt.shutdown.is_cancelled(), "listeners": detail, "coordinator": coordinator}),
     )
 }
 

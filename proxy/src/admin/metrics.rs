@@ -104,6 +104,8 @@ pub struct ListenerStats {
     pub protocol_errors: AtomicU64,
     /// Upstream connect failures.
     pub upstream_errors: AtomicU64,
+    /// Publish to publisher-confirm latency of forwarded publishes.
+    pub confirm_latency: super::histogram::Histogram,
     limit_hits: [AtomicU64; Limit::ALL.len()],
 }
 
@@ -181,6 +183,8 @@ pub struct Metrics {
     pub reloads_error: AtomicU64,
     /// Admin API requests refused for a missing or wrong token.
     pub admin_auth_failures: AtomicU64,
+    /// Shed, divert and delay counts waiting for their aggregated log line.
+    pub verdicts: super::events::VerdictLog,
     started: std::time::Instant,
 }
 
@@ -204,6 +208,7 @@ impl Metrics {
             reloads_ok: AtomicU64::new(0),
             reloads_error: AtomicU64::new(0),
             admin_auth_failures: AtomicU64::new(0),
+            verdicts: Default::default(),
             started: std::time::Instant::now(),
         }
     }
@@ -310,6 +315,21 @@ impl Metrics {
                 p.connections.load(Relaxed)
             );
         }
+        family(
+            &mut out,
+            "sluice_producer_held_connections",
+            "gauge",
+            "Connections per producer whose reads are held by a delay right now.",
+        );
+        for p in &producers {
+            let _ = writeln!(
+                out,
+                "sluice_producer_held_connections{{listener=\"{}\",producer=\"{}\"}} {}",
+                esc(&p.listener),
+                esc(&p.producer),
+                p.held.load(Relaxed)
+            );
+        }
         let mut listeners: Vec<_> = self
             .listeners
             .iter()
@@ -385,6 +405,17 @@ impl Metrics {
                     l.limit_hits(limit)
                 );
             }
+        }
+        family(
+            &mut out,
+            "sluice_confirm_latency_seconds",
+            "histogram",
+            "Time from forwarding a confirmed publish to the broker's ack or nack.",
+        );
+        for (n, l) in &listeners {
+            let labels = format!("listener=\"{}\"", esc(n));
+            l.confirm_latency
+                .render(&mut out, "sluice_confirm_latency_seconds", &labels);
         }
         family(
             &mut out,

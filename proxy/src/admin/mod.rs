@@ -1,5 +1,7 @@
 //! The operations surface: Prometheus metrics and the admin HTTP API.
 
+pub mod events;
+pub mod histogram;
 pub mod http;
 pub mod metrics;
 

@@ -29,12 +29,17 @@ pub struct ConfigFile {
     /// AMQP signalling choices.
     #[serde(default)]
     pub amqp: AmqpFile,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogFile,
     /// Rate quotas.
     #[serde(default, rename = "quota")]
     pub quotas: Vec<QuotaFile>,
     /// `[[policy]]` tables, in file order.
     #[serde(default, rename = "policy")]
     pub policies: Vec<PolicyFile>,
+    /// How sidecars share `scope = "global"` quotas.
+    pub coordination: Option<Spanned<CoordinationFile>>,
 }
 
 /// `[admin]`
@@ -178,6 +183,15 @@ pub struct AmqpFile {
     pub blocked_after: Option<Spanned<String>>,
 }
 
+/// `[log]`
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    /// How often shed/divert/delay counts are logged, one line per producer and verdict
+    /// (default `10s`).
+    pub verdict_interval: Option<Spanned<String>>,
+}
+
 /// `[[quota]]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -198,6 +212,26 @@ pub struct QuotaFile {
     /// Count what would happen but forward.
     #[serde(default)]
     pub dry_run: bool,
+    /// `"local"` (default: buckets in this process) or `"global"` (shared through Redis).
+    pub scope: Option<Spanned<String>>,
+    /// Global quotas while Redis is down: `"open"` (local fallback) or `"closed"` (over quota).
+    pub fail: Option<Spanned<String>>,
+    /// Global quotas: sidecars expected to share the quota; the fallback gets rate / instances.
+    pub instances: Option<Spanned<u32>>,
+}
+
+/// `[coordination]`: the Redis that global quotas share.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinationFile {
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    pub redis: Spanned<String>,
+    /// Prefix of every key sluice writes (default `sluice:`).
+    pub prefix: Option<String>,
+    /// Longest a Redis call may take before Redis counts as down (default `250ms`).
+    pub timeout: Option<Spanned<String>>,
+    /// A lease holds about this long of the local demand (default `200ms`).
+    pub lease: Option<Spanned<String>>,
 }
 
 /// `match = { producer = "web-*", exchange = "", routing_key = "celery" }`; globs with `*`, `?`.

@@ -9,6 +9,7 @@ use crate::policy::glob::Glob;
 use crate::policy::verdict::{ActionSpec, DivertTarget};
 use crate::protocol::amqp::client::ProbeTarget;
 use crate::protocol::Protocol;
+use crate::quota::global::{Coordination, FailMode, GlobalScope, QuotaScope};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -185,6 +186,13 @@ pub struct AmqpSettings {
     pub blocked_after: Duration,
 }
 
+/// Logging settings.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// How often aggregated shed/divert/delay lines are written.
+    pub verdict_interval: Duration,
+}
+
 /// One validated quota.
 #[derive(Debug, Clone)]
 pub struct QuotaConfig {
@@ -202,6 +210,8 @@ pub struct QuotaConfig {
     pub on_exceed: ActionSpec,
     /// Count, don't act.
     pub dry_run: bool,
+    /// Local buckets or global ones shared through Redis.
+    pub scope: QuotaScope,
 }
 
 /// A validated, immutable config.
@@ -227,10 +237,14 @@ pub struct Config {
     pub tarpit: Tarpit,
     /// AMQP signalling.
     pub amqp: AmqpSettings,
+    /// Logging.
+    pub log: LogSettings,
     /// Quotas in file order.
     pub quotas: Vec<QuotaConfig>,
     /// Wasm policies in file order (after the quotas).
     pub policies: Vec<super::policies::PolicyConfig>,
+    /// Redis for global quotas.
+    pub coordination: Option<Coordination>,
 }
 
 /// Read and validate a file.
@@ -675,6 +689,19 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
         ),
     };
 
+    let log = LogSettings {
+        verdict_interval: cx.duration(
+            &file.log.verdict_interval,
+            "log.verdict_interval",
+            crate::admin::events::DEFAULT_INTERVAL,
+        ),
+    };
+    if let Some(v) = &file.log.verdict_interval {
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&log.verdict_interval) {
+            cx.at(v, "log.verdict_interval: must be between 1s and 1h");
+        }
+    }
+
     let mut quota_names = HashSet::new();
     let mut quotas = Vec::new();
     for q in &file.quotas {
@@ -740,6 +767,7 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
             bytes,
             on_exceed,
             dry_run: q.dry_run,
+            scope: quota_scope(q, name, file.coordination.is_some(), cx),
         });
     }
 
@@ -754,8 +782,10 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
         limits,
         tarpit,
         amqp,
+        log,
         policies: super::policies::build(&file.policies, &quota_names, path, cx),
         quotas,
+        coordination: coordination(file, cx),
     }
 }
 
@@ -862,6 +892,102 @@ fn action(a: &ActionFile, quota: &str, line: usize, cx: &mut Ctx<'_>, depth: usi
     }
 }
 
+fn coordination(file: &ConfigFile, cx: &mut Ctx<'_>) -> Option<Coordination> {
+    let f = file.coordination.as_ref()?.get_ref();
+    if let Err(e) = redis::Client::open(f.redis.get_ref().as_str()) {
+        cx.at(
+            &f.redis,
+            format!("coordination.redis: not a Redis URL ({e}): use redis://host:6379 or rediss://host:6380"),
+        );
+    }
+    let timeout = cx.duration(
+        &f.timeout,
+        "coordination.timeout",
+        Duration::from_millis(250),
+    );
+    if let Some(t) = f
+        .timeout
+        .as_ref()
+        .filter(|_| !(Duration::from_millis(1)..=Duration::from_secs(10)).contains(&timeout))
+    {
+        cx.at(t, "coordination.timeout must be between 1ms and 10s");
+    }
+    let lease = cx.duration(&f.lease, "coordination.lease", Duration::from_millis(200));
+    if let Some(l) = f
+        .lease
+        .as_ref()
+        .filter(|_| !(Duration::from_millis(10)..=Duration::from_secs(10)).contains(&lease))
+    {
+        cx.at(l, "coordination.lease must be between 10ms and 10s");
+    }
+    Some(Coordination {
+        redis: f.redis.get_ref().clone(),
+        prefix: f.prefix.clone().unwrap_or_else(|| "sluice:".into()),
+        timeout,
+        lease,
+    })
+}
+
+fn quota_scope(q: &QuotaFile, name: &str, coordinated: bool, cx: &mut Ctx<'_>) -> QuotaScope {
+    let global = match &q.scope {
+        None => false,
+        Some(s) => match s.get_ref().as_str() {
+            "local" => false,
+            "global" => {
+                if !coordinated {
+                    cx.at(s, format!("quota '{name}': scope = \"global\" needs a [coordination] section with redis = \"redis://host:6379\""));
+                }
+                true
+            }
+            other => {
+                cx.at(
+                    s,
+                    format!("quota '{name}': scope '{other}' must be \"local\" or \"global\""),
+                );
+                false
+            }
+        },
+    };
+    let fail = match &q.fail {
+        None => FailMode::Open,
+        Some(f) => match f.get_ref().as_str() {
+            "open" => FailMode::Open,
+            "closed" => FailMode::Closed,
+            other => {
+                cx.at(
+                    f,
+                    format!("quota '{name}': fail '{other}' must be \"open\" or \"closed\""),
+                );
+                FailMode::Open
+            }
+        },
+    };
+    let instances = match &q.instances {
+        None => 1,
+        Some(n) if *n.get_ref() == 0 => {
+            cx.at(n, format!("quota '{name}': instances must be at least 1"));
+            1
+        }
+        Some(n) => *n.get_ref(),
+    };
+    if global {
+        return QuotaScope::Global(GlobalScope { fail, instances });
+    }
+    if let Some(f) = &q.fail {
+        cx.at(
+            f,
+            format!("quota '{name}': fail only applies to scope = \"global\""),
+        );
+    }
+    if let Some(n) = &q.instances {
+        cx.at(
+            n,
+            format!("quota '{name}': instances only applies to scope = \"global\""),
+        );
+    }
+    QuotaScope::Local
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -933,6 +1059,65 @@ on_exceed = { delay = "soon" }
             "{text}"
         );
         assert_eq!(r.problems.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn global_quotas_parse_and_their_problems_have_lines() {
+        let good = format!(
+            "{GOOD}\n[coordination]\nredis = \"redis://127.0.0.1:6379\"\nprefix = \"t:\"\n\n\
+             [[quota]]\nname = \"g\"\nmessages = \"300/s\"\nscope = \"global\"\nfail = \"closed\"\ninstances = 3\n"
+        );
+        let c = parse(&good, Path::new("g.toml")).unwrap();
+        assert_eq!(c.quotas[0].scope, QuotaScope::Local);
+        assert_eq!(
+            c.quotas[1].scope,
+            QuotaScope::Global(GlobalScope {
+                fail: FailMode::Closed,
+                instances: 3
+            })
+        );
+        let co = c.coordination.unwrap();
+        assert_eq!(co.prefix, "t:");
+        assert_eq!(co.timeout, Duration::from_millis(250));
+
+        let bad = "[[listener]]\nname = \"amqp\"\nprotocol = \"amqp091\"\nlisten = \"127.0.0.1:5673\"\nupstream = \"127.0.0.1:5672\"\n\n\
+                   [[quota]]\nname = \"g\"\nmessages = \"300/s\"\nscope = \"global\"\nfail = \"maybe\"\ninstances = 0\n\n\
+                   [[quota]]\nname = \"l\"\nmessages = \"300/s\"\nscope = \"planet\"\nfail = \"open\"\n";
+        let text = parse(bad, Path::new("b.toml")).unwrap_err().to_string();
+        assert!(
+            text.contains("b.toml:10: quota 'g': scope = \"global\" needs a [coordination]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("b.toml:11: quota 'g': fail 'maybe'"),
+            "{text}"
+        );
+        assert!(
+            text.contains("b.toml:12: quota 'g': instances must be at least 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("b.toml:17: quota 'l': scope 'planet'"),
+            "{text}"
+        );
+        assert!(
+            text.contains("b.toml:18: quota 'l': fail only applies"),
+            "{text}"
+        );
+
+        let bad_url =
+            format!("{GOOD}\n[coordination]\nredis = \"http://nowhere\"\ntimeout = \"1h\"\n");
+        let text = parse(&bad_url, Path::new("u.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("u.toml:23: coordination.redis: not a Redis URL"),
+            "{text}"
+        );
+        assert!(
+            text.contains("u.toml:24: coordination.timeout must be"),
+            "{text}"
+        );
     }
 
     #[test]

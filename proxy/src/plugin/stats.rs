@@ -168,7 +168,7 @@ fn label(v: &str) -> String {
 /// `HELP`/`TYPE` once: `sluice_plugin_errors_total{policy,kind}`,
 /// `sluice_plugin_disabled{policy}`, `sluice_policy_eval_seconds{policy}` (histogram),
 /// `sluice_plugin_instances{policy}`, `sluice_plugin_logs_dropped_total{policy}` and
-/// `sluice_plugin_counter_total{policy,name}`.
+/// `sluice_plugin_events_total{policy,name}`.
 pub fn render_prometheus<'a>(
     policies: impl IntoIterator<Item = &'a PolicyStats>,
     out: &mut String,
@@ -259,15 +259,15 @@ pub fn render_prometheus<'a>(
     }
     let _ = writeln!(
         out,
-        "# HELP sluice_plugin_counter_total Counters a policy plugin increments."
+        "# HELP sluice_plugin_events_total Events a policy plugin counted with incr, by name."
     );
-    let _ = writeln!(out, "# TYPE sluice_plugin_counter_total counter");
+    let _ = writeln!(out, "# TYPE sluice_plugin_events_total counter");
     for p in &policies {
         let name = label(&p.name);
         for (counter, v) in p.counters() {
             let _ = writeln!(
                 out,
-                "sluice_plugin_counter_total{{policy=\"{name}\",name=\"{}\"}} {v}",
+                "sluice_plugin_events_total{{policy=\"{name}\",name=\"{}\"}} {v}",
                 label(&counter)
             );
         }

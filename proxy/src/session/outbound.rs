@@ -299,6 +299,7 @@ impl Outbound {
                         .map(|m| m.translate(c.tag, c.multiple))
                 };
                 if let Some(Some(t)) = &t {
+                    self.stats.confirm_latency.observe(t.sent.elapsed());
                     self.rt
                         .plugins
                         .shared
