@@ -347,6 +347,36 @@ mod tests {
     }
 
     #[test]
+    fn the_interval_is_configurable_within_bounds() {
+        const LISTENER: &str = "[[listener]]\nname = \"amqp\"\nprotocol = \"amqp091\"\n\
+                                listen = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:5672\"\n";
+        let path = std::path::Path::new("t.toml");
+        let cfg = |v: &str| {
+            crate::config::parse(
+                &format!("{LISTENER}[log]\nverdict_interval = \"{v}\"\n"),
+                path,
+            )
+        };
+        let ok = cfg("2s").map_err(|r| r.to_string());
+        assert_eq!(
+            ok.map(|c| c.log.verdict_interval),
+            Ok(Duration::from_secs(2))
+        );
+        let err = cfg("100ms").map(|_| ()).map_err(|r| r.to_string());
+        assert!(
+            err.as_ref().is_err_and(
+                |e| e.contains("t.toml:7: log.verdict_interval: must be between 1s and 1h")
+            ),
+            "{err:?}"
+        );
+        let default = crate::config::parse(LISTENER, path).map_err(|r| r.to_string());
+        assert_eq!(
+            default.map(|c| c.log.verdict_interval),
+            Ok(DEFAULT_INTERVAL)
+        );
+    }
+
+    #[test]
     fn numbers_read_well() {
         assert_eq!(thousands(0), "0");
         assert_eq!(thousands(999), "999");

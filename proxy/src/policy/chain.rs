@@ -470,7 +470,8 @@ mod tests {
             Verdict::Divert {
                 exchange: "".into(),
                 routing_key: "overflow.celery".into(),
-                checked: true,
+                // A queue named per message: checked at runtime, not at load.
+                checked: false,
             }
         );
         assert_eq!(run(&chain, &hot, &clock).kind, VerdictKind::Shed);
