@@ -211,9 +211,10 @@ impl Producer {
     }
 }
 
-/// Per-verdict rates between two snapshots.
+/// Rates between two snapshots (all verdicts, then per verdict).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Rates {
+    all: Option<f64>,
     shed: Option<f64>,
     divert: Option<f64>,
     delay: Option<f64>,
@@ -236,12 +237,17 @@ fn render(
                 .collect()
         })
         .unwrap_or_default();
-    let rate_of = |p: &Producer, verdict: &str| -> Option<f64> {
-        let (_, secs) = prev?;
-        let old = before
+    let old = |p: &Producer| {
+        before
             .get(&(p.listener.as_str(), p.producer.as_str()))
-            .map_or(0, |o| o.count(verdict));
-        Some(p.count(verdict).saturating_sub(old) as f64 / secs.max(0.001))
+            .copied()
+    };
+    let per_sec = |now: u64, then: u64| -> Option<f64> {
+        let (_, secs) = prev?;
+        Some(now.saturating_sub(then) as f64 / secs.max(0.001))
+    };
+    let rate_of = |p: &Producer, verdict: &str| -> Option<f64> {
+        per_sec(p.count(verdict), old(p).map_or(0, |o| o.count(verdict)))
     };
     let mut rows: Vec<(&Producer, Rates)> = now
         .producers
@@ -250,6 +256,9 @@ fn render(
             (
                 p,
                 Rates {
+                    // Between refreshes when there are two; the server's last-second rate
+                    // otherwise.
+                    all: per_sec(p.total, old(p).map_or(0, |o| o.total)).or(Some(p.rate)),
                     shed: rate_of(p, "shed"),
                     divert: rate_of(p, "divert"),
                     delay: rate_of(p, "delay"),
@@ -259,8 +268,9 @@ fn render(
         .collect();
     match sort {
         SortBy::Rate => rows.sort_by(|a, b| {
-            b.0.rate
-                .total_cmp(&a.0.rate)
+            b.1.all
+                .unwrap_or(0.0)
+                .total_cmp(&a.1.all.unwrap_or(0.0))
                 .then(b.0.total.cmp(&a.0.total))
         }),
         SortBy::Shed => rows.sort_by(|a, b| {
@@ -277,7 +287,7 @@ fn render(
     let listeners: std::collections::BTreeSet<&str> =
         now.producers.iter().map(|p| p.listener.as_str()).collect();
     let show_listener = listeners.len() > 1;
-    let total_rate: f64 = now.producers.iter().map(|p| p.rate).sum();
+    let total_rate: f64 = rows.iter().map(|r| r.1.all.unwrap_or(0.0)).sum();
     let shed_rate: Option<f64> = rows.iter().map(|r| r.1.shed).sum();
     let mut out = vec![
         format!(
@@ -315,7 +325,7 @@ fn render(
         out.push(format!(
             "{:<28} {:>9} {:>9} {:>9} {:>9} {:>12} {:>10} {:>10} {:>10} {:>5} {:>5}",
             name,
-            num(p.rate),
+            opt(r.all),
             opt(r.shed),
             opt(r.divert),
             opt(r.delay),
@@ -529,6 +539,9 @@ mod tests {
         assert!(lines[2].starts_with("PRODUCER"));
         assert!(lines[3].starts_with("hotfix-svc"), "{lines:?}");
         assert!(lines[3].contains(" 5,000 "), "{lines:?}");
+        // msg/s between the two snapshots: 10,500 publishes in 2 s.
+        assert!(lines[3].contains(" 5,250 "), "{lines:?}");
+        assert!(lines[0].contains("5,251 msg/s"), "{lines:?}");
         assert!(lines[4].starts_with("calm"));
         let first = render(&now, None, SortBy::Name, 1, "h");
         assert!(first[3].starts_with("calm") && first[3].contains(" - "));
