@@ -642,7 +642,9 @@ impl Inbound {
                 } else {
                     format!("exchange '{exchange}'")
                 };
-                warn!(producer = %producer, %target, "divert target does not exist: publish shed instead");
+                // Per message, so never above trace: the shed is counted and logged once per
+                // interval by the verdict log, with this reason.
+                trace!(producer = %producer, %target, "divert target does not exist: publish shed instead");
                 decision.verdict = Verdict::Shed {
                     reason: format!("divert target {target} does not exist").into(),
                 };
