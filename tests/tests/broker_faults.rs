@@ -92,6 +92,20 @@ struct Published {
 /// connection fails.
 async fn publish_until_failure(conn: Connection, queue: String, id: u64) -> Published {
     let mut acked = BTreeSet::new();
+    // The connection's own error (a publish in flight may fail with a channel-state error
+    // instead, depending on which lapin notices first).
+    let mut events = Box::pin(conn.events_listener());
+    let reported = Arc::new(Mutex::new(String::new()));
+    let r = reported.clone();
+    tokio::spawn(async move {
+        while let Some(e) = events.next().await {
+            if let Event::Error(err) = e {
+                if let Ok(mut t) = r.lock() {
+                    t.push_str(&format!("{err}; "));
+                }
+            }
+        }
+    });
     let result: Result<()> = async {
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -123,9 +137,15 @@ async fn publish_until_failure(conn: Connection, queue: String, id: u64) -> Publ
         }
     }
     .await;
+    // Let the connection's error event arrive.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let connection_error = reported.lock().map(|t| t.clone()).unwrap_or_default();
     Published {
         acked,
-        ended: result.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+        ended: format!(
+            "publish: {}; connection: {connection_error}",
+            result.err().map(|e| format!("{e:#}")).unwrap_or_default()
+        ),
     }
 }
 
@@ -141,6 +161,8 @@ async fn broker_restart_under_load_closes_clients_loses_no_confirmed_message_and
     let q = unique("restart");
     durable_queue(&q).await?;
 
+    // An idle client, read by hand: it must get the broker's connection.close, not just EOF.
+    let mut idle = RawAmqp::open(RawAmqp::addr_of(&s.url)?, &unique("restart-idle")).await?;
     let mut publishers = Vec::new();
     for id in 0..4u64 {
         let conn = connect(&s.url, &format!("restart-pub-{id}")).await?;
@@ -150,6 +172,12 @@ async fn broker_restart_under_load_closes_clients_loses_no_confirmed_message_and
 
     let stopped_at = Instant::now();
     let mut broker = tokio::task::spawn_blocking(BrokerStopped::stop).await??;
+    let (code, text) = idle
+        .expect_connection_close(Duration::from_secs(60))
+        .await
+        .context("idle client: no connection.close when the broker stopped")?;
+    ensure!(code == 320, "idle client got {code} {text}, not 320");
+    idle.expect_eof(Duration::from_secs(30)).await?;
     // Every publisher must see its connection end, with the broker's reason, not hang.
     let mut acked: BTreeSet<u64> = BTreeSet::new();
     for (id, p) in publishers.into_iter().enumerate() {
@@ -277,46 +305,48 @@ async fn memory_alarm_blocks_capable_clients_holds_the_others_and_loses_nothing(
     b.send(&wire::confirm_select(1)).await?;
     b.expect(1, (85, 11)).await?;
 
-    let publish = |i: u32| {
-        let ch = ch.clone();
-        let q = q.clone();
-        async move {
-            ch.basic_publish(
-                "".into(),
-                q.as_str().into(),
-                BasicPublishOptions::default(),
-                &i.to_be_bytes(),
-                BasicProperties::default(),
-            )
-            .await
-        }
-    };
-    ensure!(
-        publish(0).await?.await?.is_ack(),
-        "publish before the alarm"
-    );
+    let before = ch
+        .basic_publish(
+            "".into(),
+            q.as_str().into(),
+            BasicPublishOptions::default(),
+            &0u32.to_be_bytes(),
+            BasicProperties::default(),
+        )
+        .await?
+        .await?;
+    ensure!(before.is_ack(), "publish before the alarm");
 
     let mut alarm = tokio::task::spawn_blocking(|| LowWatermark::set("0.0000001")).await??;
     eprintln!("watermark lowered (will restore {})", alarm.original());
 
-    // A publishes; the broker blocks the connection and sluice passes connection.blocked on.
+    // A publishes from a task of its own: lapin itself holds publishes while it is blocked, so
+    // the calls only return once the alarm clears.
     let confirmed = Arc::new(Mutex::new(0u32));
-    let mut pending = Vec::new();
-    for i in 1..=100u32 {
-        let p = publish(i).await?;
-        let c = confirmed.clone();
-        pending.push(tokio::spawn(async move {
-            let r = tokio::time::timeout(Duration::from_secs(120), p).await;
-            if let Ok(Ok(conf)) = &r {
-                if conf.is_ack() {
-                    if let Ok(mut n) = c.lock() {
-                        *n += 1;
-                    }
-                }
+    let (c, publisher_ch, publisher_q) = (confirmed.clone(), ch.clone(), q.clone());
+    let publisher = tokio::spawn(async move {
+        let mut pending = Vec::new();
+        for i in 1..=100u32 {
+            pending.push(
+                publisher_ch
+                    .basic_publish(
+                        "".into(),
+                        publisher_q.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &i.to_be_bytes(),
+                        BasicProperties::default(),
+                    )
+                    .await?,
+            );
+        }
+        for p in pending {
+            ensure!(p.await?.is_ack(), "a held publish was nacked");
+            if let Ok(mut n) = c.lock() {
+                *n += 1;
             }
-            r
-        }));
-    }
+        }
+        Ok::<_, anyhow::Error>(())
+    });
     let e = next_event(
         &mut events,
         |e| matches!(e, Event::ConnectionBlocked(_)),
@@ -361,10 +391,9 @@ async fn memory_alarm_blocks_capable_clients_holds_the_others_and_loses_nothing(
     )
     .await?;
     // Everything held goes through once the alarm clears.
-    for p in pending {
-        let c = p.await?.context("a held publish was never confirmed")??;
-        ensure!(c.is_ack(), "a held publish was nacked");
-    }
+    tokio::time::timeout(Duration::from_secs(60), publisher)
+        .await
+        .context("A's publishes still not confirmed 60 s after the alarm cleared")???;
     let mut b_acked = 0u64;
     let deadline = Instant::now() + Duration::from_secs(30);
     while b_acked < 10 {

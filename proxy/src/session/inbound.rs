@@ -184,6 +184,7 @@ impl Inbound {
         let exit = self.pump().await;
         let result = match exit {
             Ok(Exit::ClientEof) => {
+                self.shared.lock().client_finished.cancel();
                 let _ = self.flush().await;
                 let _ = self.upstream.shutdown().await;
                 Ok(())
@@ -453,6 +454,7 @@ impl Inbound {
                 self.identity = Some(identity);
                 self.phase = Phase::Open;
             }
+            MethodId::CONNECTION_CLOSE_OK => self.shared.lock().client_finished.cancel(),
             _ => {}
         }
         self.out.push(&f.raw);

@@ -47,6 +47,8 @@ pub struct Shared {
     /// Bytes of frames the inbound pump injected that the outbound pump has not taken yet; past
     /// `max_buffered_per_connection` the inbound pump stops reading the client.
     pub to_client_bytes: usize,
+    /// Cancelled once the client has answered a close with close-ok or closed its socket.
+    pub client_finished: tokio_util::sync::CancellationToken,
 }
 
 impl Shared {

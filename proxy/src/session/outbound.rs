@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +47,12 @@ pub(super) struct Outbound {
     upstream_blocked: bool,
     client_closed: bool,
     finished: bool,
+    broker_closed: bool,
 }
+
+/// How long a client that the broker closed gets to answer with close-ok before sluice
+/// half-closes its socket.
+const CLOSE_OK_GRACE: Duration = Duration::from_secs(1);
 
 impl Outbound {
     #[allow(clippy::too_many_arguments)]
@@ -81,6 +87,7 @@ impl Outbound {
             upstream_blocked: false,
             client_closed: false,
             finished: false,
+            broker_closed: false,
         }
     }
 
@@ -89,6 +96,13 @@ impl Outbound {
             debug!(error = %e, "upstream pump ended");
         }
         let _ = self.out.flush(&mut self.client).await;
+        if self.broker_closed && !self.client_closed {
+            // The broker closed the connection and then its socket (RabbitMQ does both at once
+            // when it stops). A client that reads the end of the stream right behind the close
+            // reports a broken socket instead of the broker's reason: let it answer first.
+            let answered = self.shared.lock().client_finished.clone();
+            let _ = tokio::time::timeout(CLOSE_OK_GRACE, answered.cancelled()).await;
+        }
         if self.upstream_blocked {
             self.stats.upstream_blocked.fetch_sub(1, Relaxed);
             self.rt.plugins.shared.signals().add_blocked_connections(-1);
@@ -282,6 +296,7 @@ impl Outbound {
                     if let Ok(c) = Close::decode(args) {
                         info!(code = c.code, text = c.text, "broker closed the connection");
                     }
+                    self.broker_closed = true;
                     self.out.push(&f.raw);
                 }
                 _ => self.out.push(&f.raw),
