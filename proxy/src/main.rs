@@ -128,7 +128,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Completions { shell } = cli.command {
         let mut cmd = <Cli as clap::CommandFactory>::command();
-        clap_complete::generate(shell, &mut cmd, "sluice", &mut std::io::stdout());
+        // Into a buffer first: clap_complete panics on a closed pipe (`... | head`).
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "sluice", &mut script);
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
         return ExitCode::SUCCESS;
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -466,6 +466,65 @@ fn alert_and_recording_rules_pass_promtool_check_and_unit_tests() -> Result<()> 
     Ok(())
 }
 
+#[test]
+fn every_subcommand_has_help_with_examples_and_exit_status_and_completions_load() -> Result<()> {
+    let bin = sluice_bin()?;
+    let run = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(Command::new(&bin).args(args).output()?)
+    };
+    let top = run(&["--help"])?;
+    let text = String::from_utf8_lossy(&top.stdout);
+    ensure!(top.status.success() && text.contains("Exit status:") && text.contains("Examples:"));
+    for cmd in [
+        &["run"][..],
+        &["check"],
+        &["top"],
+        &["drain"],
+        &["completions"],
+        &["plugin", "test"],
+    ] {
+        let out = run(&[cmd, &["--help"]].concat())?;
+        let help = String::from_utf8_lossy(&out.stdout);
+        ensure!(out.status.success(), "sluice {cmd:?} --help failed");
+        ensure!(
+            help.contains("Examples:\n  sluice "),
+            "sluice {cmd:?} --help has no examples:\n{help}"
+        );
+        ensure!(
+            cmd == ["completions"] || help.contains("Exit status:"),
+            "sluice {cmd:?} --help does not document its exit status:\n{help}"
+        );
+    }
+    // A usage error is exit status 2, as documented.
+    ensure!(run(&["top", "--json"])?.status.code() == Some(2));
+    ensure!(run(&["no-such-command"])?.status.code() == Some(2));
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&["completions", shell])?;
+        let script = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && script.contains("drain") && script.contains("token-file"),
+            "{shell} completions:\n{script}"
+        );
+    }
+    // The bash script loads in a real bash and completes the subcommands.
+    let script = String::from_utf8(run(&["completions", "bash"])?.stdout)?;
+    let dir = TempDir::new("completions")?;
+    std::fs::write(dir.0.join("sluice.bash"), script)?;
+    let probe = format!(
+        "source '{}' && COMP_WORDS=(sluice t) && COMP_CWORD=1 && COMP_LINE='sluice t' && \
+         COMP_POINT=8 && _sluice sluice t sluice && printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        dir.0.join("sluice.bash").display()
+    );
+    let out = Command::new("bash").args(["-c", &probe]).output()?;
+    let words = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        words.lines().any(|w| w == "top"),
+        "bash completion of `sluice t`: {words:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // A real Prometheus
 // ---------------------------------------------------------------------------------------------
