@@ -18,6 +18,7 @@ test: broker venv plugins test-plugins
 	cargo build -p sluice
 	cargo test --workspace
 	SLUICE_BIN=$(CARGO_TARGET_DIR)/debug/sluice $(VENV)/bin/python -m pytest -q tests/python
+	$(MAKE) test-redis-faults
 
 # Tests that change state every other test shares (RabbitMQ's memory watermark, its application
 # stopped and started): run alone, after `make test`, on a machine nothing else is loading.
@@ -59,3 +60,10 @@ test-drill: broker venv plugins
 # broker is always put back (application started, watermark restored), even when a test fails.
 test-faults: broker
 	SLUICE_BROKER_FAULTS=1 cargo test -p sluice-tests --test broker_faults -- --test-threads=1
+
+# Global quotas with Redis stopped and paused mid-run (tests/tests/global_quota.rs). Stopping Redis
+# is state every Redis user on the machine shares, so the test runs alone and skips itself without
+# SLUICE_REDIS_FAULTS=1; a guard restarts Redis with the README's command even when it fails.
+.PHONY: test-redis-faults
+test-redis-faults:
+	SLUICE_REDIS_FAULTS=1 cargo test -p sluice-tests --test global_quota redis_outage_falls_back_as_configured_and_recovers -- --exact --test-threads=1

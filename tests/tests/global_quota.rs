@@ -316,11 +316,11 @@ async fn an_idle_sidecars_share_goes_to_the_others_within_seconds() -> Result<()
         Duration::from_secs(2),
         Duration::from_secs(5),
     );
-    // The third producer goes idle.
-    let idle_at = fleet.start.elapsed();
+    // The third producer goes idle: it stops publishing and its last publishes settle.
     if let Some(f) = fleet.floods.get_mut(2).and_then(Option::take) {
         f.stop().await?;
     }
+    let idle_at = fleet.start.elapsed();
     fleet.sleep_until(idle_at + Duration::from_secs(8)).await;
     let two = [&ts[0], &ts[1]];
     // First second-long window (sliding by 100 ms) in which the two others reach 90%.
@@ -488,6 +488,19 @@ async fn redis_outage_falls_back_as_configured_and_recovers() -> Result<()> {
     );
     fleet.sleep_until(to).await;
     let open = total(&[&ts[0], &ts[1]], from, to);
+    let ramp: Vec<String> = (0..12)
+        .map(|i| {
+            let a = down_at + Duration::from_millis(500 * i);
+            let b = a + Duration::from_millis(500);
+            format!(
+                "{:.0}/{:.0}/{:.0}",
+                ts[0].rate(a, b),
+                ts[1].rate(a, b),
+                ts[2].rate(a, b)
+            )
+        })
+        .collect();
+    eprintln!("per sidecar per 500 ms from the stop: {ramp:?}");
     let closed = ts[2].rate(from, to);
     eprintln!(
         "Redis down: fail-open sidecars {open:.1}/s (want {:.0}), fail-closed {closed:.1}/s",
