@@ -484,11 +484,11 @@ async fn redis_outage_falls_back_as_configured_and_recovers() -> Result<()> {
     // Measure the outage after the fallback buckets' own burst is spent.
     let (from, to) = (
         down_at + Duration::from_secs(2),
-        down_at + Duration::from_secs(6),
+        down_at + Duration::from_secs(8),
     );
     fleet.sleep_until(to).await;
     let open = total(&[&ts[0], &ts[1]], from, to);
-    let ramp: Vec<String> = (0..12)
+    let ramp: Vec<String> = (0..16)
         .map(|i| {
             let a = down_at + Duration::from_millis(500 * i);
             let b = a + Duration::from_millis(500);
@@ -565,4 +565,108 @@ async fn redis_outage_falls_back_as_configured_and_recovers() -> Result<()> {
     }
     eprintln!("a paused Redis was detected and recovered from");
     fleet.finish().await
+}
+
+/// The global quota's limiter in force on a sidecar (and its coordinator).
+fn global_of(
+    s: &Sluice,
+    quota: &str,
+) -> (
+    Option<Arc<sluice::quota::GlobalLimiter>>,
+    Option<Arc<sluice::quota::Coordinator>>,
+) {
+    let a = s.server().runtime().active();
+    let g = a
+        .chain
+        .quotas()
+        .iter()
+        .find(|q| &*q.name == quota)
+        .and_then(|q| q.global.clone());
+    (g, a.coordinator.clone())
+}
+
+/// Rewrite the config file and reload until the new version is in force.
+async fn rewrite(s: &Sluice, path: &std::path::Path, text: &str) -> Result<()> {
+    let before = s.server().runtime().active().version;
+    std::fs::write(path, text)?;
+    for _ in 0..100 {
+        let _ = s.server().reload().await;
+        if s.server().runtime().active().version > before {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the rewritten config was never applied")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_leases_of_an_unchanged_global_quota() -> Result<()> {
+    let prefix = format!("{}:", unique("sluice-test-gq"));
+    let _keys = RedisKeys(prefix.clone());
+    let dir = std::env::temp_dir().join(unique("sluice-gq-reload"));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("sluice.toml");
+    let head = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[[listener]]\nname = \"amqp\"\nprotocol = \"amqp091\"\n\
+         listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n\n",
+        sluice_tests::broker_addr()
+    );
+    let base = format!("{head}{}", config(&prefix, "open"));
+    std::fs::write(&path, &base)?;
+    let s = Sluice::start_file(&path).await?;
+    let result = async {
+        let broker = Broker::connect().await?;
+        let q = unique("global-quota-reload");
+        broker.queue(&q).await?;
+        let _queues = Queues::new([q.clone()]);
+        let conn = connect(&s.url, "flood-reload").await?;
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        for _ in 0..20 {
+            let c = ch
+                .basic_publish(
+                    "".into(),
+                    q.as_str().into(),
+                    BasicPublishOptions::default(),
+                    b"x",
+                    BasicProperties::default(),
+                )
+                .await?
+                .await?;
+            ensure!(c.is_ack());
+        }
+        let (g1, c1) = global_of(&s, "global-flood");
+        let g1 = g1.context("no global limiter")?;
+        ensure!(g1.len() == 1, "one producer holds a lease");
+        let requests = s.metric("sluice_quota_lease_requests_total", &[]).await?;
+
+        // An unrelated change: same quota, same coordinator, same leases and counters.
+        let more = format!(
+            "{base}\n[[quota]]\nname = \"other\"\nmatch = {{ producer = \"nobody\" }}\nmessages = \"5/s\"\n"
+        );
+        rewrite(&s, &path, &more).await?;
+        let (g2, c2) = global_of(&s, "global-flood");
+        ensure!(
+            g2.as_ref().is_some_and(|g| Arc::ptr_eq(g, &g1)),
+            "the unchanged global quota got new leases"
+        );
+        ensure!(matches!((&c1, &c2), (Some(a), Some(b)) if Arc::ptr_eq(a, b)));
+        ensure!(s.metric("sluice_quota_lease_requests_total", &[]).await? >= requests);
+
+        // A changed rate starts afresh; so does a changed [coordination].
+        rewrite(&s, &path, &more.replace("messages = \"300/s\"", "messages = \"200/s\"")).await?;
+        let (g3, c3) = global_of(&s, "global-flood");
+        ensure!(g3.is_some_and(|g| !Arc::ptr_eq(&g, &g1)));
+        ensure!(matches!((&c1, &c3), (Some(a), Some(b)) if Arc::ptr_eq(a, b)));
+        let moved = more.replace(&prefix, &format!("{prefix}moved:"));
+        rewrite(&s, &path, &moved).await?;
+        let (_, c4) = global_of(&s, "global-flood");
+        ensure!(matches!((&c1, &c4), (Some(a), Some(b)) if !Arc::ptr_eq(a, b)));
+        let _ = conn.close(200, "done".into()).await;
+        anyhow::Ok(())
+    }
+    .await;
+    s.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }

@@ -261,6 +261,7 @@ fn config(rt: &Runtime) -> Reply {
                 "messages": q.messages.map(|(r, b)| json!({"rate": r.to_string(), "burst": b})),
                 "bytes": q.bytes.map(|(r, b)| json!({"rate": r.to_string(), "burst": b})),
                 "dry_run": q.dry_run,
+                "scope": q.scope.describe(),
             })).collect::<Vec<_>>(),
             "policies": a.chain.policies().iter().map(|p| json!({
                 "name": &*p.name,

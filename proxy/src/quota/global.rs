@@ -54,6 +54,18 @@ pub enum QuotaScope {
     Global(GlobalScope),
 }
 
+impl QuotaScope {
+    /// `"local"`, or `{"global": {"fail": ..., "instances": ...}}` (for `/v1/config`).
+    pub fn describe(&self) -> serde_json::Value {
+        match self {
+            QuotaScope::Local => serde_json::json!("local"),
+            QuotaScope::Global(g) => serde_json::json!({
+                "global": {"fail": g.fail.as_str(), "instances": g.instances}
+            }),
+        }
+    }
+}
+
 /// `[coordination]`: how sidecars share global quotas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Coordination {

@@ -21,11 +21,28 @@ const TICK: Duration = Duration::from_millis(10);
 /// First and longest wait between reconnect attempts.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Down {
     since: Option<Instant>,
     total: Duration,
     last_error: Option<String>,
+    /// No reconnect before this.
+    next_try: Option<Instant>,
+    /// Doubles with every failure in a row, back to the first value after a lease request
+    /// succeeds (not merely a connect: a Redis too slow for leases must not flap up and down).
+    backoff: Duration,
+}
+
+impl Default for Down {
+    fn default() -> Self {
+        Down {
+            since: None,
+            total: Duration::ZERO,
+            last_error: None,
+            next_try: None,
+            backoff: BACKOFF.0,
+        }
+    }
 }
 
 /// Shares global quotas with other sidecars through Redis. One per config's `[coordination]`,
@@ -221,16 +238,30 @@ impl Coordinator {
         }
     }
 
-    fn mark_down(&self, error: String) {
+    /// Redis failed a connect or a request: drop the connection, use the fail modes, and wait
+    /// the backoff before reconnecting (doubled once per failure of the connection, not once per
+    /// request that was in flight on it).
+    fn mark_down(&self, error: String, connecting: bool) {
         self.errors.fetch_add(1, Relaxed);
-        *self.conn.lock() = None;
+        let had_conn = self.conn.lock().take().is_some();
         let was_up = self.link.set_up(false);
         let mut d = self.down.lock();
         if was_up || d.since.is_none() {
             d.since = Some(Instant::now());
             warn!(redis = %self.settings.redacted(), %error, "coordinator: Redis unreachable, global quotas on their fail mode");
         }
+        if connecting || had_conn {
+            d.next_try = Some(Instant::now() + d.backoff);
+            d.backoff = (d.backoff * 2).min(BACKOFF.1);
+        }
         d.last_error = Some(error);
+    }
+
+    fn request_succeeded(&self) {
+        let mut d = self.down.lock();
+        if d.backoff != BACKOFF.0 {
+            d.backoff = BACKOFF.0;
+        }
     }
 
     async fn connect(&self) -> Result<MultiplexedConnection, String> {
@@ -299,6 +330,7 @@ async fn request(
     match reply {
         Ok(v) => {
             c.latency.observe(started.elapsed());
+            c.request_succeeded();
             let grants: Vec<Grant> = v
                 .chunks_exact(3)
                 .map(|g| Grant {
@@ -311,7 +343,7 @@ async fn request(
         }
         Err(e) => {
             lim.settle(r, None);
-            c.mark_down(e);
+            c.mark_down(e, false);
         }
     }
 }
@@ -319,24 +351,30 @@ async fn request(
 /// The renewer: keep a connection (reconnecting with backoff), and renew due leases every tick or
 /// when the hot path nudges.
 async fn run(weak: Weak<Coordinator>) {
-    let mut backoff = BACKOFF.0;
     let mut due = Vec::new();
     loop {
         let Some(c) = weak.upgrade() else { return };
         let link = c.link.clone();
         let connected = c.conn.lock().is_some();
         if !connected {
+            let wait = c
+                .down
+                .lock()
+                .next_try
+                .map(|t| t.saturating_duration_since(Instant::now()))
+                .unwrap_or_default();
+            if !wait.is_zero() {
+                drop(c);
+                tokio::time::sleep(wait).await;
+                continue;
+            }
             match c.connect().await {
                 Ok(conn) => {
                     *c.conn.lock() = Some(conn);
                     c.mark_up();
-                    backoff = BACKOFF.0;
                 }
                 Err(e) => {
-                    c.mark_down(e);
-                    drop(c);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF.1);
+                    c.mark_down(e, true);
                     continue;
                 }
             }

@@ -219,6 +219,7 @@ pub struct GlobalLimiter<C: Clock = DefaultClock> {
     clock: C,
     epoch: C::Instant,
     jitter: AtomicU64,
+    swept_at: AtomicU64,
     /// Counters.
     pub stats: LeaseStats,
 }
@@ -286,6 +287,7 @@ impl<C: Clock + Clone> GlobalLimiter<C> {
             epoch: clock.now(),
             clock,
             jitter: AtomicU64::new(seed()),
+            swept_at: AtomicU64::new(0),
             stats: LeaseStats::default(),
         }
     }
@@ -440,6 +442,11 @@ impl<C: Clock + Clone> GlobalLimiter<C> {
         let now = self.now_ns();
         let idle_ns = self.tuning.idle_return.as_nanos() as u64;
         let forget_ns = self.tuning.forget_after.as_nanos() as u64;
+        // The fallback's buckets are keyed by producer too: forget the idle ones now and then.
+        if now.saturating_sub(self.swept_at.load(Relaxed)) >= forget_ns {
+            self.swept_at.store(now, Relaxed);
+            self.fallback.retain_recent();
+        }
         let leases: Vec<(Arc<str>, Arc<KeyLease>)> = self
             .keys
             .iter()
