@@ -670,3 +670,37 @@ async fn a_reload_keeps_the_leases_of_an_unchanged_global_quota() -> Result<()> 
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
+
+#[test]
+fn lease_script_grants_refills_by_redis_time_and_takes_tokens_back() -> Result<()> {
+    let keys = RedisKeys(format!("{}:", unique("sluice-test-gq-script")));
+    let key = format!("{}{{q:p}}:m", keys.0);
+    let mut c = redis::Client::open(REDIS)?.get_connection()?;
+    let script = redis::Script::new(sluice::quota::global::LEASE_SCRIPT);
+    let mut call = |want: i64| -> Result<Vec<i64>> {
+        Ok(script
+            .key(&key)
+            .arg(100.0)
+            .arg(50)
+            .arg(want)
+            .invoke(&mut c)?)
+    };
+    // A new bucket starts full (burst 50): 30 granted, 20 left.
+    ensure!(call(30)? == vec![30, 0, 20]);
+    // Asking for more than is left grants what is left; the wait is the time to one token
+    // at 100/s (10 ms), give or take the time that passed.
+    let v = call(40)?;
+    ensure!(v[0] >= 20 && v[0] <= 21 && v[2] == 0, "{v:?}");
+    ensure!(v[1] > 0 && v[1] <= 10_000, "{v:?}");
+    // Refilled by Redis's clock: after 100 ms about 10 tokens.
+    std::thread::sleep(Duration::from_millis(100));
+    let v = call(50)?;
+    ensure!((9..=13).contains(&v[0]), "{v:?}");
+    // Handing back: tokens return to the bucket, never above the burst.
+    let v = call(-100)?;
+    ensure!(v[0] == 0 && v[2] == 50, "{v:?}");
+    // The key expires once the bucket would be full again.
+    let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut c)?;
+    ensure!(ttl > 0 && ttl <= 1_000, "ttl {ttl}");
+    Ok(())
+}
