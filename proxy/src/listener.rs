@@ -1,6 +1,7 @@
 //! Accept loops, one per `[[listener]]`, plus the upstream readiness probe.
 
 use crate::protocol::amqp::client::ProbeClient;
+use crate::protocol::Protocol;
 use crate::runtime::Runtime;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,10 @@ pub async fn accept_loop(
                         break;
                     };
                     let listener = Arc::new(listener.clone());
-                    tokio::spawn(crate::session::connection::serve(rt.clone(), listener, stream, peer));
+                    match listener.protocol {
+                        Protocol::Amqp091 => tokio::spawn(crate::session::connection::serve(rt.clone(), listener, stream, peer)),
+                        Protocol::Redis => tokio::spawn(crate::session::redis::serve(rt.clone(), listener, stream, peer)),
+                    };
                 }
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.
@@ -44,11 +48,18 @@ pub async fn accept_loop(
 pub async fn probe_loop(rt: Arc<Runtime>, every: Duration) {
     loop {
         for l in rt.active().config.listeners.clone() {
-            let ok = match ProbeClient::connect(&l.probe).await {
-                Ok(c) => {
-                    c.close().await;
-                    true
-                }
+            let result = match l.protocol {
+                Protocol::Amqp091 => match ProbeClient::connect(&l.probe).await {
+                    Ok(c) => {
+                        c.close().await;
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                Protocol::Redis => crate::protocol::redis::client::probe(&l.probe).await,
+            };
+            let ok = match result {
+                Ok(()) => true,
                 Err(e) => {
                     warn!(listener = %l.name, upstream = %l.upstream.addr, error = %e, "upstream probe failed");
                     false

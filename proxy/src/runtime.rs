@@ -132,6 +132,9 @@ impl Runtime {
     /// when one does not load.
     pub fn new(config: Config) -> Result<Arc<Runtime>, Report> {
         let metrics = Arc::new(Metrics::new(config.admin.max_producers));
+        for l in &config.listeners {
+            metrics.set_protocol(&l.name, l.protocol.as_str());
+        }
         let plugins = PluginHost::default();
         let policies = plugins.load_policies(&config, None)?;
         let active = Active::build(Arc::new(config), None, 1, policies);
@@ -176,6 +179,9 @@ impl Runtime {
         let next = Arc::new(next);
         self.metrics
             .set_max_producers(next.config.admin.max_producers);
+        for l in &next.config.listeners {
+            self.metrics.set_protocol(&l.name, l.protocol.as_str());
+        }
         self.active.store(next.clone());
         next
     }

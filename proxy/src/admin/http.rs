@@ -225,6 +225,7 @@ fn producers(rt: &Runtime) -> Reply {
                     .collect();
             json!({
                 "listener": &*p.listener,
+                "protocol": rt.metrics.protocol_of(&p.listener),
                 "producer": &*p.producer,
                 "rate": (p.rate() * 10.0).round() / 10.0,
                 "total": p.total(),

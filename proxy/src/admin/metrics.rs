@@ -177,6 +177,8 @@ pub struct Metrics {
     max_producers: AtomicU64,
     producers: DashMap<(Arc<str>, Arc<str>), Arc<ProducerStats>>,
     listeners: DashMap<Arc<str>, Arc<ListenerStats>>,
+    /// Each listener's protocol, the `protocol` label of per-producer families.
+    protocols: DashMap<Arc<str>, &'static str>,
     /// Config reloads applied.
     pub reloads_ok: AtomicU64,
     /// Config reloads refused.
@@ -205,6 +207,7 @@ impl Metrics {
             max_producers: AtomicU64::new(max_producers as u64),
             producers: DashMap::new(),
             listeners: DashMap::new(),
+            protocols: DashMap::new(),
             reloads_ok: AtomicU64::new(0),
             reloads_error: AtomicU64::new(0),
             admin_auth_failures: AtomicU64::new(0),
@@ -251,6 +254,19 @@ impl Metrics {
         self.producers.iter().map(|e| e.value().clone()).collect()
     }
 
+    /// Record a listener's protocol (on every config install).
+    pub fn set_protocol(&self, listener: &Arc<str>, protocol: &'static str) {
+        self.protocols.insert(listener.clone(), protocol);
+    }
+
+    /// A listener's protocol label (`amqp091` until told otherwise).
+    pub fn protocol_of(&self, listener: &str) -> &'static str {
+        self.protocols
+            .get(listener)
+            .map(|p| *p)
+            .unwrap_or("amqp091")
+    }
+
     /// Recompute rates; call once per `interval_secs`.
     pub fn sample(&self, interval_secs: f64) {
         for p in self.producers.iter() {
@@ -273,8 +289,9 @@ impl Metrics {
             for k in VerdictKind::ALL {
                 let _ = writeln!(
                     out,
-                    "sluice_messages_total{{listener=\"{}\",producer=\"{}\",verdict=\"{}\"}} {}",
+                    "sluice_messages_total{{listener=\"{}\",protocol=\"{}\",producer=\"{}\",verdict=\"{}\"}} {}",
                     esc(&p.listener),
+                    self.protocol_of(&p.listener),
                     esc(&p.producer),
                     k.as_str(),
                     p.count(k)
@@ -292,8 +309,9 @@ impl Metrics {
                 let v = p.bytes.get(idx(k)).map(|b| b.load(Relaxed)).unwrap_or(0);
                 let _ = writeln!(
                     out,
-                    "sluice_bytes_total{{listener=\"{}\",producer=\"{}\",verdict=\"{}\"}} {}",
+                    "sluice_bytes_total{{listener=\"{}\",protocol=\"{}\",producer=\"{}\",verdict=\"{}\"}} {}",
                     esc(&p.listener),
+                    self.protocol_of(&p.listener),
                     esc(&p.producer),
                     k.as_str(),
                     v
@@ -309,8 +327,9 @@ impl Metrics {
         for p in &producers {
             let _ = writeln!(
                 out,
-                "sluice_producer_connections{{listener=\"{}\",producer=\"{}\"}} {}",
+                "sluice_producer_connections{{listener=\"{}\",protocol=\"{}\",producer=\"{}\"}} {}",
                 esc(&p.listener),
+                self.protocol_of(&p.listener),
                 esc(&p.producer),
                 p.connections.load(Relaxed)
             );
@@ -324,8 +343,9 @@ impl Metrics {
         for p in &producers {
             let _ = writeln!(
                 out,
-                "sluice_producer_held_connections{{listener=\"{}\",producer=\"{}\"}} {}",
+                "sluice_producer_held_connections{{listener=\"{}\",protocol=\"{}\",producer=\"{}\"}} {}",
                 esc(&p.listener),
+                self.protocol_of(&p.listener),
                 esc(&p.producer),
                 p.held.load(Relaxed)
             );

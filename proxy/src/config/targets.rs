@@ -30,7 +30,12 @@ pub async fn check_divert_targets(cfg: &Config) -> TargetCheck {
     if targets.is_empty() {
         return out;
     }
-    for l in &cfg.listeners {
+    // A Redis list or channel needs no declaring: only AMQP targets can be missing.
+    for l in cfg
+        .listeners
+        .iter()
+        .filter(|l| l.protocol == crate::protocol::Protocol::Amqp091)
+    {
         let mut client = match ProbeClient::connect(&l.probe).await {
             Ok(c) => c,
             Err(e) => {

@@ -497,10 +497,11 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
         }
         let protocol = match lf.protocol.get_ref().as_str() {
             "amqp091" | "amqp" => Protocol::Amqp091,
+            "redis" => Protocol::Redis,
             other => {
                 cx.at(
                     &lf.protocol,
-                    format!("unknown protocol '{other}' (supported: amqp091)"),
+                    format!("unknown protocol '{other}' (supported: amqp091, redis)"),
                 );
                 Protocol::Amqp091
             }
@@ -595,9 +596,15 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
             .map_err(|e| cx.at(t, format!("listener '{}': tls: {e}", lf.name.get_ref())))
             .ok()
         });
+        // RabbitMQ's default login; a Redis probe sends AUTH only when a password is given.
+        let default_login = if protocol == Protocol::Redis {
+            ""
+        } else {
+            "guest"
+        };
         let password = match &lf.probe.password_env {
             Some(var) => std::env::var(var).unwrap_or_default(),
-            None => "guest".into(),
+            None => default_login.into(),
         };
         listeners.push(ListenerConfig {
             name: lf.name.get_ref().as_str().into(),
@@ -605,7 +612,11 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
             listen,
             probe: ProbeTarget {
                 addr: upstream.addr.clone(),
-                user: lf.probe.user.clone().unwrap_or_else(|| "guest".into()),
+                user: lf
+                    .probe
+                    .user
+                    .clone()
+                    .unwrap_or_else(|| default_login.into()),
                 password,
                 vhost: lf.probe.vhost.clone().unwrap_or_else(|| "/".into()),
                 timeout: limits.connect_timeout,

@@ -46,25 +46,8 @@ pub async fn serve(
     let span = tracing::info_span!("conn", id, listener = %listener.name, peer = %peer, producer = tracing::field::Empty);
     async move {
         let _ = client.set_nodelay(true);
-        let client = match &listener.tls {
-            None => Stream::Plain(client),
-            Some(tls) => {
-                let timeout = rt.active().config.limits.handshake_timeout;
-                match tokio::time::timeout(timeout, tls.acceptor.accept(client)).await {
-                    Ok(Ok(s)) => Stream::ClientTls(Box::new(s)),
-                    Ok(Err(e)) => {
-                        stats.protocol_errors.fetch_add(1, Relaxed);
-                        warn!(error = %e, "client TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        stats.protocol_errors.fetch_add(1, Relaxed);
-                        stats.limit_hit(Limit::HandshakeTimeout);
-                        warn!("client TLS handshake timed out");
-                        return;
-                    }
-                }
-            }
+        let Some(client) = client_stream(&rt, &listener, &stats, client).await else {
+            return;
         };
         let total = rt.connections.fetch_add(1, Relaxed) + 1;
         stats.connections.fetch_add(1, Relaxed);
@@ -92,6 +75,36 @@ pub async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// The client's byte stream: TLS terminated here when the listener has it (within the
+/// handshake timeout), plain otherwise. `None` when the TLS handshake failed (counted, logged).
+pub(crate) async fn client_stream(
+    rt: &Runtime,
+    listener: &ListenerConfig,
+    stats: &ListenerStats,
+    client: TcpStream,
+) -> Option<Stream> {
+    match &listener.tls {
+        None => Some(Stream::Plain(client)),
+        Some(tls) => {
+            let timeout = rt.active().config.limits.handshake_timeout;
+            match tokio::time::timeout(timeout, tls.acceptor.accept(client)).await {
+                Ok(Ok(s)) => Some(Stream::ClientTls(Box::new(s))),
+                Ok(Err(e)) => {
+                    stats.protocol_errors.fetch_add(1, Relaxed);
+                    warn!(error = %e, "client TLS handshake failed");
+                    None
+                }
+                Err(_) => {
+                    stats.protocol_errors.fetch_add(1, Relaxed);
+                    stats.limit_hit(Limit::HandshakeTimeout);
+                    warn!("client TLS handshake timed out");
+                    None
+                }
+            }
+        }
+    }
 }
 
 /// The `connection.start` sluice replays to clients: the upstream's own when known.

@@ -13,6 +13,7 @@ mod facts;
 mod inbound;
 pub mod io;
 mod outbound;
+pub mod redis;
 
 use crate::protocol::amqp::frame::Frame;
 use crate::protocol::amqp::wire::WireError;
