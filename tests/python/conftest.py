@@ -30,6 +30,8 @@ import pytest
 
 BROKER_HOST = "127.0.0.1"
 BROKER_PORT = 5672
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = 6379
 GUEST = pika.PlainCredentials("guest", "guest")
 SLUICE_BIN = os.environ.get("SLUICE_BIN", "/var/tmp/sluice-target/debug/sluice")
 
@@ -230,7 +232,16 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
 class Sluice:
     """One running sluice process."""
 
-    def __init__(self, proc: subprocess.Popen, amqp_port: int, admin_port: int, log: Path, config: Path):
+    def __init__(
+        self,
+        proc: subprocess.Popen,
+        amqp_port: int,
+        admin_port: int,
+        log: Path,
+        config: Path,
+        redis_port: int | None = None,
+    ):
+        self.redis_port = redis_port
         self.proc = proc
         self.amqp_port = amqp_port
         self.admin_port = admin_port
@@ -295,7 +306,18 @@ class Sluice:
         return self.proc.returncode
 
 
-def sluice_config(amqp_port: int, admin_port: int, body: str) -> str:
+def sluice_config(amqp_port: int, admin_port: int, body: str, redis_port: int | None = None) -> str:
+    redis = (
+        f"""
+[[listener]]
+name = "redis"
+protocol = "redis"
+listen = "127.0.0.1:{redis_port}"
+upstream = "{REDIS_HOST}:{REDIS_PORT}"
+"""
+        if redis_port
+        else ""
+    )
     return f"""\
 [admin]
 listen = "127.0.0.1:{admin_port}"
@@ -305,7 +327,7 @@ name = "amqp"
 protocol = "amqp091"
 listen = "127.0.0.1:{amqp_port}"
 upstream = "{BROKER_HOST}:{BROKER_PORT}"
-
+{redis}
 [identity]
 from = ["client_property:connection_name", "user", "peer_ip"]
 
@@ -313,14 +335,19 @@ from = ["client_property:connection_name", "user", "peer_ip"]
 """
 
 
-def _start(tmp_path: Path, body: str, attempt: int) -> Sluice:
+def _start(tmp_path: Path, body: str, attempt: int, redis: bool = False) -> Sluice:
     if not os.access(SLUICE_BIN, os.X_OK):
         pytest.fail(f"sluice binary not found at {SLUICE_BIN} (set SLUICE_BIN or build it first)")
     amqp_port, admin_port = free_port(), free_port()
     while admin_port == amqp_port:
         admin_port = free_port()
+    redis_port = None
+    if redis:
+        redis_port = free_port()
+        while redis_port in (amqp_port, admin_port):
+            redis_port = free_port()
     config = tmp_path / f"sluice-{attempt}.toml"
-    config.write_text(sluice_config(amqp_port, admin_port, body))
+    config.write_text(sluice_config(amqp_port, admin_port, body, redis_port))
     check = subprocess.run(
         [SLUICE_BIN, "check", str(config)], capture_output=True, text=True, timeout=30
     )
@@ -338,11 +365,13 @@ def _start(tmp_path: Path, body: str, attempt: int) -> Sluice:
             stderr=err,
             env={**os.environ, "RUST_BACKTRACE": "1", "NO_COLOR": "1"},
         )
-    return Sluice(proc, amqp_port, admin_port, log, config)
+    return Sluice(proc, amqp_port, admin_port, log, config, redis_port)
 
 
 def _ready(s: Sluice) -> bool:
     if not _accepts(s.amqp_port):
+        return False
+    if s.redis_port and not _accepts(s.redis_port):
         return False
     try:
         status, _ = s.http_get("/healthz")
@@ -354,14 +383,16 @@ def _ready(s: Sluice) -> bool:
 @pytest.fixture
 def sluice(request, tmp_path):
     """Factory: ``sluice(body)`` starts sluice with ``body`` (TOML: [amqp], [[quota]]…) appended to
-    an [admin]/[[listener]]/[identity] prelude on free ports, and returns a ready :class:`Sluice`."""
+    an [admin]/[[listener]]/[identity] prelude on free ports, and returns a ready :class:`Sluice`.
+    ``sluice(body, redis=True)`` adds a ``redis`` listener in front of 127.0.0.1:6379
+    (``s.redis_port``)."""
     started: list[Sluice] = []
     ready: list[Sluice] = []
     logs = request.node.stash.setdefault(_logs_key, [])
 
-    def start(body: str) -> Sluice:
+    def start(body: str, redis: bool = False) -> Sluice:
         for attempt in range(3):
-            s = _start(tmp_path, body, len(started) * 10 + attempt)
+            s = _start(tmp_path, body, len(started) * 10 + attempt, redis)
             started.append(s)
             logs.append(str(s.log))
             deadline = time.monotonic() + STARTUP_TIMEOUT
