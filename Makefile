@@ -26,6 +26,7 @@ test-broker-wide: test-faults test-drill
 
 broker:
 	.ci/ensure-rabbitmq
+	.ci/ensure-redis
 	.ci/ensure-tools
 
 venv:
