@@ -459,3 +459,140 @@ async fn a_client_that_breaks_the_protocol_gets_an_error_and_others_carry_on() -
     s.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn delay_paces_a_producer_and_every_push_lands() -> Result<()> {
+    let name = unique("redis-delay");
+    let q = format!("{name}.q");
+    let _keys = Keys(vec![q.clone()]);
+    let quota = format!(
+        "[[quota]]\nname = \"paced\"\nmatch = {{ producer = \"{name}\" }}\n\
+         messages = \"20/s\"\nburst = 5\non_exceed = {{ delay = \"10s\", then = \"shed\" }}\n"
+    );
+    let s = RedisSluice::start(&quota).await?;
+    let mut c = Raw::connect(s.addr).await?;
+    c.send(&cmd(&[b"CLIENT", b"SETNAME", name.as_bytes()]))
+        .await?;
+    c.expect(b"+OK\r\n").await?;
+    // 25 pushes in one write: 5 pass at once, 20 are held and then forwarded in order.
+    let mut pipeline = Vec::new();
+    let mut want = Vec::new();
+    for i in 1..=25 {
+        pipeline.extend(cmd(&[b"RPUSH", q.as_bytes(), i.to_string().as_bytes()]));
+        want.extend_from_slice(format!(":{i}\r\n").as_bytes());
+    }
+    c.send(&pipeline).await?;
+    c.expect(&want).await?;
+    let producer = format!("producer=\"{name}\"");
+    let delayed = s
+        .metric("sluice_messages_total", &[&producer, "verdict=\"delay\""])
+        .await?;
+    let shed = s
+        .metric("sluice_messages_total", &[&producer, "verdict=\"shed\""])
+        .await?;
+    ensure!(
+        delayed >= 15.0 && shed == 0.0,
+        "held pushes are counted as delayed ({delayed}), none shed ({shed})"
+    );
+    let mut d = direct().await?;
+    let all: Vec<i64> = d.lrange(&q, 0, -1).await?;
+    ensure!(
+        all == (1..=25).collect::<Vec<i64>>(),
+        "all 25 in order: {all:?}"
+    );
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn dry_run_counts_would_shed_and_forwards_everything() -> Result<()> {
+    let name = unique("redis-dry");
+    let q = format!("{name}.q");
+    let _keys = Keys(vec![q.clone()]);
+    let s = RedisSluice::start(&format!("{}dry_run = true\n", shed_quota(&name, 2))).await?;
+    let client = redis::Client::open(format!("redis://{}/", s.addr))?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(&name)
+        .query_async::<()>(&mut c)
+        .await?;
+    for i in 0..10 {
+        let _: i64 = c.rpush(&q, i).await?;
+    }
+    let len: i64 = direct().await?.llen(&q).await?;
+    ensure!(len == 10, "dry run forwards everything, got {len}");
+    let producer = format!("producer=\"{name}\"");
+    let would = s
+        .metric(
+            "sluice_messages_total",
+            &[&producer, "verdict=\"would_shed\""],
+        )
+        .await?;
+    ensure!(would == 8.0, "8 would-sheds counted, got {would}");
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reload_changes_the_quota_of_an_open_redis_connection() -> Result<()> {
+    let name = unique("redis-reload");
+    let q = format!("{name}.q");
+    let _keys = Keys(vec![q.clone()]);
+    let dir = std::env::temp_dir().join(unique("sluice-redis-reload"));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("sluice.toml");
+    let config = |burst: u32| {
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[listener]]\nname = \"amqp\"\nprotocol = \"amqp091\"\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"{}\"\n\n\
+             [[listener]]\nname = \"redis\"\nprotocol = \"redis\"\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"{}\"\n\n{}",
+            sluice_tests::broker_addr(),
+            redis_addr(),
+            shed_quota(&name, burst)
+        )
+    };
+    std::fs::write(&path, config(2))?;
+    let s = sluice_tests::Sluice::start_file(&path).await?;
+    let addr = s
+        .server()
+        .listener_addr("redis")
+        .context("no redis listener")?;
+    let result: Result<()> = async {
+        let client = redis::Client::open(format!("redis://{addr}/"))?;
+        let mut c = client.get_multiplexed_async_connection().await?;
+        redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(&name)
+            .query_async::<()>(&mut c)
+            .await?;
+        let mut ok = 0;
+        for i in 0..5 {
+            ok += i64::from(c.rpush::<_, _, i64>(&q, i).await.is_ok());
+        }
+        ensure!(ok == 2, "burst 2 before the reload, {ok} passed");
+        // A new quota (new buckets: a changed rate starts afresh) with room for 5 more.
+        std::fs::write(&path, config(5))?;
+        match s.server().reload().await {
+            sluice::reload::Outcome::Applied { .. } => {}
+            other => bail!("reload not applied: {other:?}"),
+        }
+        let mut ok = 0;
+        for i in 0..8 {
+            ok += i64::from(c.rpush::<_, _, i64>(&q, 10 + i).await.is_ok());
+        }
+        ensure!(
+            ok == 5,
+            "burst 5 after the reload on the same connection, {ok} passed"
+        );
+        let len: i64 = direct().await?.llen(&q).await?;
+        ensure!(len == 7, "2 + 5 landed, got {len}");
+        Ok(())
+    }
+    .await;
+    s.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}

@@ -710,10 +710,10 @@ fn forward_decision() -> Decision {
 
 /// The command with its key (argument 1) replaced.
 fn rewrite_key(cmd: &Command, key: &str) -> Bytes {
-    let args =
-        cmd.args
-            .iter()
-            .enumerate()
-            .map(|(i, a)| if i == 1 { key.as_bytes() } else { &a[..] });
+    let args = cmd
+        .args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| if i == 1 { key.as_bytes() } else { &a[..] });
     encode_command(args)
 }
