@@ -185,9 +185,40 @@ async fn measure_one(p: &Proc, n: usize) -> Result<IdleRss> {
     })
 }
 
+/// Sockets the local RabbitMQ can still accept, less a margin, from `rabbitmqctl status`
+/// ("Sockets: USED, limit: MAX"). Running a node out of file descriptors does not just refuse
+/// connections: it can take down the node's memory monitor and leave it unable to declare queues
+/// until the application is restarted, so the idle measurement stays below the limit.
+fn broker_socket_headroom() -> Option<usize> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .arg("status")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("Sockets:"))?;
+    let mut nums = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse::<usize>().ok());
+    let (used, limit) = (nums.next()?, nums.next()?);
+    Some(limit.saturating_sub(used).saturating_sub(100))
+}
+
 /// Measure HAProxy and sluice (its most complete mode among `targets`), each freshly started.
 pub async fn measure(plan: &Plan, targets: &[Target]) -> Result<Vec<IdleRss>> {
-    let n = plan.idle_connections;
+    let n = match broker_socket_headroom() {
+        Some(room) if room < plan.idle_connections => {
+            eprintln!(
+                "e2e: idle: the broker has room for {room} more sockets (its `ulimit -n`); \
+                 measuring {room} connections instead of {}",
+                plan.idle_connections
+            );
+            room
+        }
+        _ => plan.idle_connections,
+    };
     let mut out = Vec::new();
     if targets.contains(&Target::Haproxy) {
         let p = procs::start_haproxy(&plan.haproxy_bin, &plan.dir, &plan.broker)?;
