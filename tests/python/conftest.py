@@ -306,14 +306,21 @@ class Sluice:
         return self.proc.returncode
 
 
-def sluice_config(amqp_port: int, admin_port: int, body: str, redis_port: int | None = None) -> str:
+def sluice_config(
+    amqp_port: int,
+    admin_port: int,
+    body: str,
+    redis_port: int | None = None,
+    redis_upstream: str | None = None,
+) -> str:
+    upstream = redis_upstream or f'"{REDIS_HOST}:{REDIS_PORT}"'
     redis = (
         f"""
 [[listener]]
 name = "redis"
 protocol = "redis"
 listen = "127.0.0.1:{redis_port}"
-upstream = "{REDIS_HOST}:{REDIS_PORT}"
+upstream = {upstream}
 """
         if redis_port
         else ""
@@ -335,7 +342,9 @@ from = ["client_property:connection_name", "user", "peer_ip"]
 """
 
 
-def _start(tmp_path: Path, body: str, attempt: int, redis: bool = False) -> Sluice:
+def _start(
+    tmp_path: Path, body: str, attempt: int, redis: bool = False, redis_upstream: str | None = None
+) -> Sluice:
     if not os.access(SLUICE_BIN, os.X_OK):
         pytest.fail(f"sluice binary not found at {SLUICE_BIN} (set SLUICE_BIN or build it first)")
     amqp_port, admin_port = free_port(), free_port()
@@ -347,7 +356,7 @@ def _start(tmp_path: Path, body: str, attempt: int, redis: bool = False) -> Slui
         while redis_port in (amqp_port, admin_port):
             redis_port = free_port()
     config = tmp_path / f"sluice-{attempt}.toml"
-    config.write_text(sluice_config(amqp_port, admin_port, body, redis_port))
+    config.write_text(sluice_config(amqp_port, admin_port, body, redis_port, redis_upstream))
     check = subprocess.run(
         [SLUICE_BIN, "check", str(config)], capture_output=True, text=True, timeout=30
     )
@@ -385,14 +394,16 @@ def sluice(request, tmp_path):
     """Factory: ``sluice(body)`` starts sluice with ``body`` (TOML: [amqp], [[quota]]…) appended to
     an [admin]/[[listener]]/[identity] prelude on free ports, and returns a ready :class:`Sluice`.
     ``sluice(body, redis=True)`` adds a ``redis`` listener in front of 127.0.0.1:6379
-    (``s.redis_port``)."""
+    (``s.redis_port``; ``redis_upstream`` replaces its ``upstream`` value, a TOML string or table).
+    The ``redis`` listener is the last ``[[listener]]``, so a ``[listener.tls]`` in ``body`` applies
+    to it."""
     started: list[Sluice] = []
     ready: list[Sluice] = []
     logs = request.node.stash.setdefault(_logs_key, [])
 
-    def start(body: str, redis: bool = False) -> Sluice:
+    def start(body: str, redis: bool = False, redis_upstream: str | None = None) -> Sluice:
         for attempt in range(3):
-            s = _start(tmp_path, body, len(started) * 10 + attempt, redis)
+            s = _start(tmp_path, body, len(started) * 10 + attempt, redis, redis_upstream)
             started.append(s)
             logs.append(str(s.log))
             deadline = time.monotonic() + STARTUP_TIMEOUT

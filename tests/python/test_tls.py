@@ -73,3 +73,88 @@ def test_plain_client_on_a_tls_listener_is_refused_and_counted(sluice, pki):
     errors = sum(v for n, _l, v in s.metrics() if n == "sluice_protocol_errors_total")
     assert errors >= 1
     assert s.alive()
+
+
+@pytest.fixture
+def stunnel_redis(pki: Path, tmp_path: Path):
+    """stunnel terminating TLS (server.pem, for localhost) in front of the local Redis; yields its port."""
+    import shutil
+    import socket
+    import time
+
+    from conftest import REDIS_HOST, REDIS_PORT, free_port
+
+    binary = shutil.which("stunnel4") or shutil.which("stunnel")
+    if binary is None:
+        pytest.fail("stunnel is not installed: apt-get install -y stunnel4 (.ci/ensure-tools does)")
+    port = free_port()
+    conf = tmp_path / "stunnel-redis.conf"
+    conf.write_text(
+        f"foreground = yes\npid =\n[redis]\naccept = 127.0.0.1:{port}\n"
+        f"connect = {REDIS_HOST}:{REDIS_PORT}\ncert = {pki / 'server.pem'}\nkey = {pki / 'server.key'}\n"
+    )
+    proc = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"stunnel did not listen on {port}")
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_redis_py_over_tls_to_sluice_and_sluice_over_tls_to_redis(sluice, names, pki, stunnel_redis):
+    import redis
+
+    from conftest import REDIS_HOST, REDIS_PORT
+
+    upstream = f'{{ addr = "127.0.0.1:{stunnel_redis}", tls = true, ca = "{pki / "ca.pem"}", server_name = "localhost" }}'
+    producer = names.producer("redis-tls")
+    quota = f"""
+[[quota]]
+name = "flood"
+match = {{ producer = "{producer}" }}
+messages = "1/min"
+burst = 3
+on_exceed = {{ shed = "too fast" }}
+"""
+    s = sluice(
+        f'[listener.tls]\ncert = "{pki / "server.pem"}"\nkey = "{pki / "server.key"}"\n{quota}',
+        redis=True,
+        redis_upstream=upstream,
+    )
+    key = names.queue("redis-tls")
+    direct = redis.Redis(host=REDIS_HOST, port=REDIS_PORT)
+    c = redis.Redis(
+        host="localhost",
+        port=s.redis_port,
+        ssl=True,
+        ssl_ca_certs=str(pki / "ca.pem"),
+        client_name=producer,
+        socket_timeout=10,
+    )
+    try:
+        results = []
+        for i in range(5):
+            try:
+                results.append(c.rpush(key, i))
+            except redis.exceptions.ResponseError as e:
+                results.append(str(e))
+        assert results[:3] == [1, 2, 3]
+        assert all("SLUICE shed: too fast" in r for r in results[3:]), results
+        assert direct.lrange(key, 0, -1) == [b"0", b"1", b"2"]
+        # A plain client on the TLS listener gets nothing it could take for a reply.
+        plain = redis.Redis(host="127.0.0.1", port=s.redis_port, socket_timeout=5)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            plain.ping()
+    finally:
+        c.close()
+        direct.delete(key)
+        direct.close()
