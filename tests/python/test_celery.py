@@ -119,3 +119,81 @@ on_exceed = { delay = "5s", then = "shed" }
     assert verdicts.get("forward", 0) > 0, verdicts
     assert verdicts.get("delay", 0) > 0, f"no task was held (Celery sent {n / took:.0f}/s): {verdicts}"
     assert verdicts.get("forward", 0) + verdicts.get("delay", 0) == n, verdicts
+
+
+PLUGIN = __import__("pathlib").Path(__file__).resolve().parents[2] / "plugins" / "dist" / "celery_task_quota.wasm"
+
+
+def plugin_policy(on_exceed: str) -> str:
+    assert PLUGIN.exists(), f"{PLUGIN} missing: run make plugins"
+    return f"""
+[[policy]]
+name = "celery-tasks"
+plugin = "{PLUGIN}"
+fail = "closed"
+config = {{ limits = [{{ match = "reports.*", rate = "1/min burst 10" }}], critical = ["auth.*"], on_exceed = {on_exceed} }}
+"""
+
+
+def test_celery_task_quota_plugin_limits_reports_while_auth_tasks_pass(sluice, broker, names):
+    """The plugin's divert behaves like a quota's: the excess of ``reports.rebuild`` goes to the
+    overflow queue, every ``auth.login_audit`` reaches the task queue, nothing is lost."""
+    tasks_q = broker.declare_queue(names.queue("celery-plugin"))
+    broker.track_exchange(tasks_q)
+    overflow_q = broker.declare_queue(names.queue("celery-plugin-overflow"))
+    producer = names.producer("celery-plugin")
+    s = sluice(plugin_policy(f'{{ divert = {{ exchange = "", routing_key = "{overflow_q}" }} }}'))
+    app = celery_app(s, producer, tasks_q)
+    try:
+        with app.connection_for_write() as conn:
+            for i in range(100):
+                app.send_task("reports.rebuild", args=[i], connection=conn)
+                app.send_task("auth.login_audit", args=[i], connection=conn)
+    finally:
+        app.close()
+    assert broker.settled_depth(tasks_q) == 110, "10 reports within the burst + 100 auth tasks"
+    assert broker.settled_depth(overflow_q) == 90
+    verdicts = s.messages_by_verdict(producer)
+    assert verdicts.get("divert") == 90 and verdicts.get("forward") == 110, verdicts
+
+
+def chain(e: BaseException) -> list[str]:
+    """An exception and its causes (kombu wraps py-amqp's errors in OperationalError)."""
+    out = []
+    while e is not None and len(out) < 10:
+        out.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def nacked(e: BaseException) -> bool:
+    return any("MessageNacked" in link for link in chain(e))
+
+
+def test_celery_task_quota_plugin_shed_is_a_nack_the_producer_sees(sluice, broker, names):
+    """With confirms, a plugin's shed is a basic.nack: py-amqp raises for that task only, and
+    later tasks on the same connection are confirmed normally (tags renumbered)."""
+    tasks_q = broker.declare_queue(names.queue("celery-plugin-shed"))
+    broker.track_exchange(tasks_q)
+    producer = names.producer("celery-plugin-shed")
+    s = sluice(plugin_policy('"shed"'))
+    app = celery_app(s, producer, tasks_q)
+    sent, refused = 0, []
+    try:
+        with app.connection_for_write() as conn:
+            for i in range(30):
+                try:
+                    app.send_task("reports.rebuild", args=[i], connection=conn, retry=False)
+                    sent += 1
+                except Exception as e:  # amqp.exceptions.MessageNacked, possibly wrapped by kombu
+                    refused.append(e)
+            for i in range(20):
+                app.send_task("auth.login_audit", args=[i], connection=conn, retry=False)
+    finally:
+        app.close()
+    assert sent == 10, f"10 within the burst, {sent} confirmed"
+    assert len(refused) == 20, refused[:3]
+    assert all(nacked(e) for e in refused), [chain(e) for e in refused[:3]]
+    assert broker.settled_depth(tasks_q) == 30, "10 reports + 20 auth tasks, no shed task"
+    verdicts = s.messages_by_verdict(producer)
+    assert verdicts.get("shed") == 20 and verdicts.get("forward") == 30, verdicts

@@ -507,7 +507,7 @@ mod tests {
         a.record(VerdictKind::Shed, 10);
         let text = m.render();
         assert!(text.contains(
-            "sluice_messages_total{listener=\"amqp\",producer=\"a\",verdict=\"shed\"} 1"
+            "sluice_messages_total{listener=\"amqp\",protocol=\"amqp091\",producer=\"a\",verdict=\"shed\"} 1"
         ));
         assert!(text.contains("# HELP sluice_connections "));
     }

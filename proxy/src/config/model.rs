@@ -306,7 +306,7 @@ pub struct PolicyFile {
     /// Count "would" verdicts, forward everything.
     #[serde(default)]
     pub dry_run: bool,
-    /// Per-call time budget, e.g. "5ms".
+    /// Per-call time budget, e.g. "20ms" (the default).
     pub time_budget: Option<Spanned<String>>,
     /// Linear memory cap, e.g. "16MiB".
     pub memory_limit: Option<Spanned<String>>,

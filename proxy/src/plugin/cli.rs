@@ -46,7 +46,7 @@ pub struct TestArgs {
     #[arg(long, value_parser = ["open", "closed"], default_value = "open")]
     pub fail: String,
     /// Time budget per call, in milliseconds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 20)]
     pub time_budget_ms: u64,
     /// Memory cap, in MiB.
     #[arg(long, default_value_t = 16)]

@@ -14,7 +14,7 @@ pub enum FailMode {
     Closed,
 }
 
-/// How one policy runs. [`PolicySettings::new`] gives safe defaults: 5 ms per call, 16 MiB of
+/// How one policy runs. [`PolicySettings::new`] gives safe defaults: 20 ms per call, 16 MiB of
 /// memory, fail open, disabled after 10 errors in 60 s.
 #[derive(Debug, Clone)]
 pub struct PolicySettings {
@@ -36,8 +36,11 @@ pub struct PolicySettings {
     pub error_window: Duration,
 }
 
-/// Default per-call time budget.
-pub const DEFAULT_TIME_BUDGET: Duration = Duration::from_millis(5);
+/// Default per-call time budget. The budget is wall-clock time: a warm call takes microseconds,
+/// but on a busy host a call preempted mid-way can take milliseconds, and a budget that such a
+/// preemption overruns would disable a healthy policy exactly when the host is under pressure.
+/// 20 ms still stops a runaway loop long before a client notices.
+pub const DEFAULT_TIME_BUDGET: Duration = Duration::from_millis(20);
 /// Default memory cap.
 pub const DEFAULT_MEMORY_LIMIT: usize = 16 << 20;
 /// Largest memory cap a policy may ask for (the pooling allocator's slot size).
@@ -139,8 +142,9 @@ mod tests {
     #[test]
     fn deadlines_cover_the_budget_and_scale_with_batches() {
         let mut s = PolicySettings::default();
-        assert_eq!(s.deadline_ticks(1), 6);
-        assert_eq!(s.deadline_ticks(10), 51);
+        assert_eq!(s.deadline_ticks(1), 21);
+        assert_eq!(s.deadline_ticks(4), 81);
+        assert_eq!(s.deadline_ticks(10), 101);
         assert_eq!(s.deadline_ticks(1000), 101);
         s.time_budget = Duration::from_micros(1500);
         assert_eq!(s.deadline_ticks(1), 3);
