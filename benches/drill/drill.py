@@ -9,6 +9,11 @@ same flood runs twice for the same duration: straight at the broker, then throug
 every confirmed one is in the broker), the flood (published, forwarded, diverted, shed, lost),
 the broker's memory and its memory alarm.
 
+``--broker redis`` tells the same story on Redis: ``maxmemory`` lowered (``noeviction``, always
+restored) in place of the watermark, kombu's Redis transport in place of AMQP (no confirms: a
+send succeeded when ``send_task`` returned), ``sluice-drill-redis.toml`` in front, OOM replies in
+place of the alarm; results in ``results/drill-redis.*``.
+
 Usage: ``benches/drill/run [options]`` (sets up the venv and binaries), or this file directly.
 """
 
@@ -36,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 
+import backends  # noqa: E402
 import broker  # noqa: E402
 import producers  # noqa: E402
 
@@ -78,12 +84,22 @@ class DrillConfig:
     critical_rate: float = 50.0
     critical_timeout: float = 2.0  # a login's budget for its audit publish
     critical_workers: int = 8  # web-login's worker threads, a connection each
-    headroom_mb: float = 200.0  # watermark = broker memory at start + this
+    # watermark (RabbitMQ) / maxmemory (Redis) = broker memory at start + this; None: the
+    # broker's default (200 MB RabbitMQ, 50 MB Redis)
+    headroom_mb: float | None = None
     sluice_bin: str = field(default_factory=default_sluice_bin)
-    sluice_config: str = str(HERE / "sluice-drill.toml")
+    sluice_config: str = ""  # "": the broker's shipped config
     workdir: str = str(HERE / "results" / "work")
     idle_wait: float = 120.0  # seconds to wait for other clients of the broker to go away
     quiet: bool = False
+    broker: str = "rabbitmq"  # or "redis"
+
+    def __post_init__(self):
+        d = backends.DEFAULTS[self.broker]
+        if self.headroom_mb is None:
+            self.headroom_mb = d["headroom_mb"]
+        if not self.sluice_config:
+            self.sluice_config = str(d["config"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,8 +155,11 @@ class Sluice:
         self.amqp_port, self.admin_port = free_port(), free_port()
         while self.admin_port == self.amqp_port:
             self.admin_port = free_port()
-        self.config = workdir / "sluice-drill.run.toml"
-        self.log = workdir / "sluice.log"
+        stem = backends.DEFAULTS[cfg.broker]["stem"].replace("drill", "sluice-drill")
+        self.config = workdir / f"{stem}.run.toml"
+        self.log = workdir / f"{stem.replace('sluice-drill', 'sluice')}.log"
+        listeners = tomllib.loads(Path(cfg.sluice_config).read_text()).get("listener", [])
+        self.protocol = listeners[0].get("protocol", "amqp091") if listeners else "amqp091"
         render_config(Path(cfg.sluice_config), self.config, self.amqp_port, self.admin_port)
         check = subprocess.run(
             [self.bin, "check", str(self.config)], capture_output=True, text=True, timeout=60
@@ -178,6 +197,9 @@ class Sluice:
 
     @property
     def url(self) -> str:
+        """The first listener's URL (the drill's config has one listener)."""
+        if self.protocol == "redis":
+            return f"redis://127.0.0.1:{self.amqp_port}/0"
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}//"
 
     def get(self, path: str) -> tuple[int, str]:
@@ -301,6 +323,10 @@ class PhaseResult:
     depths: dict = field(default_factory=dict)
     critical_found: dict = field(default_factory=dict)  # queue -> ids found
     summary: dict = field(default_factory=dict)
+    broker: str = "rabbitmq"
+    # Redis: OOM error replies the server sent during the phase (INFO errorstats), over time
+    oom_replies: int | None = None
+    oom_series: list = field(default_factory=list)  # (t, cumulative OOM replies)
 
 
 class Phase:
@@ -316,37 +342,36 @@ class Phase:
 
     def run(self) -> PhaseResult:
         cfg, d = self.cfg, self.drill
-        queues = broker.Queues()
+        be, n = d.backend, d.backend.names
+        queues = be.queues()
         sl: Sluice | None = None
         flood_procs: list = []
         crit_proc = None
         stop_flood = self.ctx.Event()
         stop_crit = self.ctx.Event()
         out = self.ctx.Queue()
-        counters = self.ctx.RawArray("q", 4 * cfg.flood_procs)
+        stride = producers.FLOOD_STRIDE
+        counters = self.ctx.RawArray("q", stride * cfg.flood_procs)
         go_flood = self.ctx.Event()
         records: list = []
         notes: list[str] = []
         mem = alarms = None
         crit_ready = threading.Event()
         try:
-            for q in producers.TASK_QUEUES.values():
-                queues.declare(q)
-            for q in OVERFLOW.values():
-                queues.declare(q, OVERFLOW_ARGS)
+            queues.declare_all(OVERFLOW_ARGS)
             if self.name == "sluice":
                 sl = Sluice(cfg, d.workdir)
                 url = sl.url
                 self.log(f"sluice on 127.0.0.1:{sl.amqp_port} (admin {sl.admin_port}), config {cfg.sluice_config}")
             else:
-                url = f"amqp://guest:guest@{broker.BROKER_HOST}:{broker.BROKER_PORT}//"
-            alarm_at_start = "memory" in broker.active_alarms()
-            mem_start = broker.rss_bytes(d.node_pid)
-            mem = broker.MemorySampler(d.node_pid).start()
-            alarms = broker.AlarmWatcher(d.log_file).start()
+                url = be.direct_url()
+            alarm_at_start = be.refusing()
+            mem_start = be.memory()
+            mem, alarms = be.observe(d.watermark)
             t0 = time.time()
             res = PhaseResult(
-                self.name, t0, t0, 0.0, 0.0, 0.0, d.watermark, mem_start, alarm_at_start=alarm_at_start
+                self.name, t0, t0, 0.0, 0.0, 0.0, d.watermark, mem_start, alarm_at_start=alarm_at_start,
+                broker=be.kind,
             )
 
             def collect():
@@ -388,7 +413,7 @@ class Phase:
                 flood_procs.append(p)
             ready_by = time.time() + 60
             while time.time() < t0 + cfg.warmup or not crit_ready.is_set() or not all(
-                counters[4 * i + 3] for i in range(cfg.flood_procs)
+                counters[stride * i + 3] for i in range(cfg.flood_procs)
             ):
                 if time.time() > ready_by or any(not p.is_alive() for p in flood_procs):
                     raise RuntimeError("the web-login or hotfix-svc processes did not connect")
@@ -430,7 +455,9 @@ class Phase:
                 elif stage == "recovery" and now >= res.flood_end + cfg.recovery:
                     # Through sluice, what Celery already wrote into its sockets is still being
                     # read (paced): wait for the flood's connections to end before counting.
-                    if sl is None or sl.producer_connections(FLOOD_PRODUCER) == 0:
+                    # (On Redis the flood's sends are synchronous: nothing is left in its sockets,
+                    # and its connections are not counted under its name, which comes per task.)
+                    if sl is None or be.kind == "redis" or sl.producer_connections(FLOOD_PRODUCER) == 0:
                         break
                     if now >= res.flood_end + cfg.recovery + 50:
                         notes.append("hotfix-svc connections to sluice still open 50 s after the flood")
@@ -455,7 +482,8 @@ class Phase:
             res.t_end = time.time()
             self._sample(res, counters, sl, force=True)
             if sl is not None:
-                (d.workdir / f"metrics-{self.name}.txt").write_text(sl.metrics_text())
+                prefix = "metrics" if be.kind == "rabbitmq" else f"metrics-{be.kind}"
+                (d.workdir / f"{prefix}-{self.name}.txt").write_text(sl.metrics_text())
                 res.policies = sl.plugin_health()
                 for pol, h in res.policies.items():
                     if h["disabled"]:
@@ -467,12 +495,15 @@ class Phase:
             alarms.stop()
             res.memory = mem.samples
             res.alarm_events = alarms.events
+            if be.kind == "redis":
+                res.oom_replies = mem.oom_replies
+                res.oom_series = [(t, c - mem.oom_start) for t, c in mem.ooms]
             res.critical = sorted(records)
             res.notes = notes
-            names = [FLOOD_QUEUE, OVERFLOW[FLOOD_QUEUE], CRITICAL_QUEUE, OVERFLOW[CRITICAL_QUEUE]]
+            names = [n.flood, n.overflow[n.flood], n.critical, n.overflow[n.critical]]
             res.depths = queues.settled_depths(names)
-            for q in (CRITICAL_QUEUE, OVERFLOW[CRITICAL_QUEUE]):
-                res.critical_found[q] = queues.drain_task_ids(q)
+            for q in (n.critical, n.overflow[n.critical]):
+                res.critical_found[q] = queues.task_ids(q)
             res.summary = summarize(res, cfg)
             return res
         finally:
@@ -491,18 +522,18 @@ class Phase:
                     except Exception:
                         pass
             try:
-                queues.delete(
-                    list(producers.TASK_QUEUES.values()) + list(OVERFLOW.values()),
-                    list(producers.TASK_QUEUES.values()),
-                )
+                queues.delete_all()
             finally:
                 queues.close()
 
     def _sample(self, res, counters, sl, force: bool = False) -> None:
         now = time.time()
-        n = self.cfg.flood_procs
+        n, w = self.cfg.flood_procs, producers.FLOOD_STRIDE
         if force or not res.flood_series or now - res.flood_series[-1][0] >= 0.5:
-            res.flood_series.append((now, *[sum(counters[4 * i + k] for i in range(n)) for k in range(3)]))
+            # (t, sent, errors, reconnects, OOM errors)
+            res.flood_series.append(
+                (now, *[sum(counters[w * i + k] for i in range(n)) for k in (0, 1, 2, 4)])
+            )
         if sl is not None and (force or not res.verdict_series or now - res.verdict_series[-1][0] >= 1.0):
             v = sl.verdicts()
             res.verdict_series.append((time.time(), v))
@@ -529,10 +560,11 @@ class Phase:
         m = mem.samples[-1][1] / 1e6 if mem.samples else 0
         on = alarms.events and alarms.events[-1][1] == "set"
         p99 = percentile(recent, 99)
+        flag = " ALARM" if res.broker == "rabbitmq" else " OOM: writes refused"
         self.log(
             f"t={now - res.t0:5.1f}s flood {rate:6.0f}/s | web-login p99(5s) "
             f"{'-' if p99 is None else f'{p99 * 1e3:.1f} ms'} failed {fails} | broker "
-            f"{m:.0f}/{res.watermark / 1e6:.0f} MB{' ALARM' if on else ''}"
+            f"{m:.0f}/{res.watermark / 1e6:.0f} MB{flag if on else ''}"
         )
 
 
@@ -555,6 +587,7 @@ def window_stats(records, start: float, end: float, budget: float) -> dict:
 
 
 def summarize(res: PhaseResult, cfg: DrillConfig) -> dict:
+    n = backends.names(res.broker)
     counted = res.base_start
     crit = res.critical
     budget = cfg.critical_timeout
@@ -572,7 +605,11 @@ def summarize(res: PhaseResult, cfg: DrillConfig) -> dict:
     found = set()
     for ids in res.critical_found.values():
         found.update(ids)
-    _, sent, flood_errors, reconnects = res.flood_series[-1] if res.flood_series else (0, 0, 0, 0)
+    _, sent, flood_errors, reconnects, *rest = res.flood_series[-1] if res.flood_series else (0, 0, 0, 0, 0)
+    flood_oom = rest[0] if rest else 0
+    # Sends that raised, by what they ran into (web-login): a login that waited past its budget
+    # for a free worker ("late") never tried.
+    send_errors = {k: v for k, v in errors.items() if k not in ("late", "over budget")}
     flood_rates = []
     fs = res.flood_series
     for (ta, a, *_), (tb, b, *_) in zip(fs, fs[2:]):
@@ -581,10 +618,13 @@ def summarize(res: PhaseResult, cfg: DrillConfig) -> dict:
     verdicts = res.verdict_series[-1][1] if res.verdict_series else {}
     hv = verdicts.get(FLOOD_PRODUCER, {})
     cv = verdicts.get(CRITICAL_PRODUCER, {})
-    depth_q = res.depths.get(FLOOD_QUEUE) or 0
-    depth_o = res.depths.get(OVERFLOW[FLOOD_QUEUE]) or 0
+    depth_q = res.depths.get(n.flood) or 0
+    depth_o = res.depths.get(n.overflow[n.flood]) or 0
     shed = int(hv.get("shed", 0))
     in_broker = depth_q + depth_o
+    # AMQP without confirms: a shed publish is dropped and counted, Celery believes it sent it.
+    # Redis: a shed push gets an error reply, so send_task raised (or Celery retried it).
+    shed_sent = shed if res.broker == "rabbitmq" else 0
     spans = broker.alarm_spans(res.alarm_events, res.t0, res.t_end, res.alarm_at_start)
     first_alarm = next((a for a, _ in spans if a >= res.flood_start), None)
     before_flood = any(a < res.flood_start for a, _ in spans)
@@ -611,6 +651,8 @@ def summarize(res: PhaseResult, cfg: DrillConfig) -> dict:
             "confirmed_in_broker": len(confirmed & found),
             "lost": len(confirmed - found),
             "unconfirmed_but_landed": len((attempted - confirmed) & found),
+            "send_errors": sum(send_errors.values()),
+            "oom_errors": errors.get("OOM", 0),
         },
         "flood": {
             "processes": cfg.flood_procs,
@@ -618,6 +660,7 @@ def summarize(res: PhaseResult, cfg: DrillConfig) -> dict:
             "rate_mean": sent / flood_secs,
             "rate_peak": max(flood_rates, default=0.0),
             "errors": int(flood_errors),
+            "oom_errors": int(flood_oom),
             "reconnects": int(reconnects),
             "forwarded": int(hv.get("forward", 0) + hv.get("delay", 0)) if verdicts else None,
             "held_then_forwarded": int(hv.get("delay", 0)) if verdicts else None,
@@ -626,12 +669,14 @@ def summarize(res: PhaseResult, cfg: DrillConfig) -> dict:
             "in_task_queue": depth_q,
             "in_overflow": depth_o,
             "in_broker": in_broker,
-            "lost": max(0, int(sent) - in_broker - shed),
+            "lost": max(0, int(sent) - in_broker - shed_sent),
             "duplicates": max(0, in_broker - int(sent)),
         },
         "critical_verdicts": cv,
         "policies": res.policies,
         "broker": {
+            "kind": res.broker,
+            "oom_replies": res.oom_replies,
             "watermark_mb": res.watermark / 1e6,
             "memory_start_mb": res.memory_start / 1e6,
             "memory_peak_mb": mem_peak / 1e6,
@@ -651,71 +696,40 @@ def summarize(res: PhaseResult, cfg: DrillConfig) -> dict:
 
 
 class Drill:
-    """Both phases under one lowered watermark. Use as a context manager: the broker's
-    watermark is lowered on entry and restored on exit, whatever happens."""
+    """Both phases under one lowered limit (RabbitMQ's watermark, Redis's maxmemory). Use as a
+    context manager: the limit is lowered on entry and restored on exit, whatever happens."""
 
     def __init__(self, cfg: DrillConfig, log=None):
         self.cfg = cfg
         self.log = log or (lambda m: print(m, flush=True))
         self.workdir = Path(cfg.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._wm: broker.LoweredWatermark | None = None
+        self.backend = backends.backend(cfg.broker, self.log)
         self.results: dict[str, PhaseResult] = {}
 
     def __enter__(self) -> "Drill":
-        broker.restore_stale_state(self.log)
-        self.node_pid = broker.node_pid()
-        self.log_file = broker.node_log_file()
-        # The drill measures the broker: wait a while for other clients to finish.
-        deadline = time.monotonic() + self.cfg.idle_wait
-        others = [c for c in broker.client_connections() if not c.startswith("sluice-drill")]
-        if others and self.cfg.idle_wait > 0:
-            self.log(f"waiting up to {self.cfg.idle_wait:.0f} s for {len(others)} other client connection(s) to end")
-        while others and time.monotonic() < deadline:
-            time.sleep(5)
-            others = [c for c in broker.client_connections() if not c.startswith("sluice-drill")]
-        if others:
-            self.log(
-                f"note: {len(others)} other client connection(s) on the broker "
-                f"({', '.join(sorted(set(others))[:5])}): the direct phase's memory alarm blocks "
-                "their publishes too while it lasts"
-            )
-        if "memory" in broker.active_alarms():
-            raise SystemExit("the broker's memory alarm is already set: not starting a drill")
-        # Leftovers of an interrupted drill, then a clean memory baseline.
-        q = broker.Queues()
-        try:
-            q.delete(
-                list(producers.TASK_QUEUES.values()) + list(OVERFLOW.values()),
-                list(producers.TASK_QUEUES.values()),
-            )
-        finally:
-            q.close()
-        self.memory_base = broker.settle_memory(self.node_pid, log=self.log)
+        # Stale state of an interrupted drill, other clients (the drill measures the broker: wait
+        # a while for them to finish), leftovers, then a clean memory baseline.
+        self.memory_base = self.backend.open(self.cfg.idle_wait)
         self.watermark = int(self.memory_base + self.cfg.headroom_mb * 1e6)
-        self.log(
-            f"broker pid {self.node_pid}, memory {self.memory_base / 1e6:.0f} MB; "
-            f"alarms from {self.log_file or 'polling'}"
-        )
-        self._wm = broker.LoweredWatermark(self.watermark, log=self.log)
-        self._wm.__enter__()
+        self.backend.lower(self.watermark)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._wm is not None:
-            self._wm.restore()
+        self.backend.restore()
 
     def run_phase(self, name: str, stop_at_alarm: bool = False, flood: float | None = None) -> PhaseResult:
         """One phase; ``flood`` overrides the flood's duration (with ``stop_at_alarm``: at most)."""
         if self.results:
             # Start from the same broker state as the first phase: memory back near where it was
             # (garbage collected), the alarm (if the last phase tripped it) cleared.
+            be = self.backend
             limit = self.memory_base + 0.25 * self.cfg.headroom_mb * 1e6
             deadline = time.monotonic() + 90
-            m = broker.settle_memory(self.node_pid, log=self.log)
-            while (m > limit or "memory" in broker.active_alarms()) and time.monotonic() < deadline:
+            m = be.settle()
+            while (m > limit or be.refusing()) and time.monotonic() < deadline:
                 time.sleep(5)
-                m = broker.settle_memory(self.node_pid, log=self.log)
+                m = be.settle()
             self.log(f"broker memory back to {m / 1e6:.0f} MB before the {name} phase")
             if m > limit:
                 self.log(f"!! still above {limit / 1e6:.0f} MB: the {name} phase starts on a fuller broker")
@@ -725,8 +739,8 @@ class Drill:
         self.log(
             f"done: web-login p99 {fmt_ms(s['critical']['baseline']['p99_ms'])} alone, "
             f"{fmt_ms(s['critical']['flood']['p99_ms'])} under flood, {s['critical']['failed']} failed, "
-            f"{s['critical']['lost']} lost; alarm {s['broker']['alarm_seconds']} s; "
-            f"flood sent {s['flood']['sent']}, lost {s['flood']['lost']}"
+            f"{s['critical']['lost']} lost; {'alarm' if res.broker == 'rabbitmq' else 'OOM'} "
+            f"{s['broker']['alarm_seconds']} s; flood sent {s['flood']['sent']}, lost {s['flood']['lost']}"
         )
         return res
 
@@ -746,6 +760,8 @@ def fmt_n(v) -> str:
 
 
 def table(results: dict[str, PhaseResult]) -> str:
+    if next(iter(results.values())).broker == "redis":
+        return table_redis(results)
     order = [n for n in ("direct", "sluice") if n in results]
     heads = {"direct": "direct to the broker", "sluice": "through sluice"}
     S = {n: results[n].summary for n in order}
@@ -799,6 +815,77 @@ def table(results: dict[str, PhaseResult]) -> str:
     return "\n".join(lines)
 
 
+def _errors_cell(errors: dict) -> str:
+    if not errors:
+        return ""
+    return " (" + ", ".join(f"{k} {v:,}" for k, v in sorted(errors.items(), key=lambda kv: -kv[1])) + ")"
+
+
+def table_redis(results: dict[str, PhaseResult]) -> str:
+    """The Redis mode's table: the same story, in Redis's terms."""
+    order = [n for n in ("direct", "sluice") if n in results]
+    heads = {"direct": "direct to Redis", "sluice": "through sluice"}
+    S = {n: results[n].summary for n in order}
+    n = backends.names("redis")
+    budget = S[order[0]]["critical"]["budget_s"]
+
+    def row(label, f):
+        return "| " + label + " | " + " | ".join(f(S[k]) for k in order) + " |"
+
+    def lat(w):
+        return lambda s: (
+            f"{fmt_ms(s['critical'][w]['p50_ms'])} / {fmt_ms(s['critical'][w]['p99_ms'])} / "
+            f"{fmt_ms(s['critical'][w]['max_ms'])}"
+        )
+
+    def verdict(key):
+        return lambda s: fmt_n(s["flood"][key]) if s["flood"][key] is not None else "-"
+
+    def oom_cell(s):
+        b = s["broker"]
+        replies = b.get("oom_replies")
+        if not b["alarm_events"] and not b["alarm_set_at_start"] and not replies:
+            return "never"
+        when = []
+        if b["alarm_before_flood"]:
+            when.append("BEFORE the flood: something else filled Redis")
+        if b["alarm_first_after_flood_s"] is not None:
+            when.append(f"from {b['alarm_first_after_flood_s']} s into the flood")
+        return f"{b['alarm_seconds']} s{' (' + '; '.join(when) + ')' if when else ''}, {fmt_n(replies)} OOM replies"
+
+    def flood_errors(s):
+        f = s["flood"]
+        if not f["errors"]:
+            return "0"
+        return f"{f['errors']:,} (OOM {f['oom_errors']:,})"
+
+    lines = [
+        "| | " + " | ".join(heads[k] for k in order) + " |",
+        "|---|" + "---|" * len(order),
+        row("**web-login** logins (`send_task`, no confirms on Redis)", lambda s: f"{s['critical']['overall']['publishes']:,}"),
+        row(f"failed (send not OK within {budget:g} s)", lambda s: f"{s['critical']['failed']:,}{_errors_cell(s['critical']['errors'])}"),
+        row("latency p50 / p99 / max, alone (baseline)", lat("baseline")),
+        row("latency p50 / p99 / max, during the flood", lat("flood")),
+        row("p99 during flood ÷ baseline", lambda s: "-" if s["critical"]["p99_ratio"] is None else f"{s['critical']['p99_ratio']:.2f}×"),
+        row("lost (sent OK, not in Redis)", lambda s: f"{s['critical']['lost']}"),
+        row("**hotfix-svc** tasks sent (`send_task` returned)", lambda s: f"{s['flood']['sent']:,} ({s['flood']['rate_mean']:,.0f}/s)"),
+        row("→ forwarded to the task list", verdict("forwarded")),
+        row("→ diverted to the overflow list", verdict("diverted")),
+        row("→ pushes shed by sluice (`-SLUICE shed`)", verdict("shed")),
+        row("`send_task` errors (after Celery's retries)", flood_errors),
+        row("lost (sent, not in Redis)", lambda s: f"{s['flood']['lost']:,}"),
+        row("Celery reconnects", lambda s: f"{s['flood']['reconnects']}"),
+        row("sluice policy errors", lambda s: "-" if not s["policies"] else ", ".join(
+            f"{p}: {sum(h['errors'].values())}{' (DISABLED)' if h['disabled'] else ''}"
+            for p, h in s["policies"].items())),
+        row("**Redis** refusing writes (OOM)", oom_cell),
+        row("used_memory start → peak (maxmemory)", lambda s: f"{s['broker']['memory_start_mb']:.1f} → {s['broker']['memory_peak_mb']:.1f} MB ({s['broker']['watermark_mb']:.1f} MB)"),
+        row(f"list lengths at the end: {n.flood} / overflow", lambda s: f"{fmt_n(s['depths'].get(n.flood))} / {fmt_n(s['depths'].get(n.overflow[n.flood]))}"),
+        row(f"{n.critical}", lambda s: f"{fmt_n(s['critical']['in_broker'])}"),
+    ]
+    return "\n".join(lines)
+
+
 def machine_note() -> str:
     try:
         load = os.getloadavg()
@@ -808,24 +895,45 @@ def machine_note() -> str:
     return f"{os.cpu_count()} cores, {load_s}, {platform.node()}"
 
 
+def result_stem(broker_kind: str) -> str:
+    """``drill`` (RabbitMQ) or ``drill-redis``: results/<stem>.md/.json/.png, work/series*.json."""
+    return backends.DEFAULTS[broker_kind]["stem"]
+
+
+def series_file(cfg: DrillConfig) -> Path:
+    return Path(cfg.workdir) / ("series.json" if cfg.broker == "rabbitmq" else f"series-{cfg.broker}.json")
+
+
 def write_results(results: dict[str, PhaseResult], cfg: DrillConfig, outdir: Path, extra: dict) -> dict:
     outdir.mkdir(parents=True, exist_ok=True)
     tbl = table(results)
-    header = (
-        f"Flood drill, {extra.get('when') or time.strftime('%Y-%m-%d %H:%M %Z')}: {cfg.flood_procs} hotfix-svc processes "
-        f"({cfg.payload_bytes} B tasks) for {cfg.flood:.0f} s after {cfg.baseline:.0f} s of web-login "
-        f"alone ({cfg.critical_rate:.0f}/s, confirms, {cfg.critical_timeout:.0f} s budget); watermark "
-        f"{next(iter(results.values())).watermark / 1e6:.0f} MB; {extra.get('load', '')}."
-    )
-    (outdir / "drill.md").write_text(header + "\n\n" + tbl + "\n")
+    limit_mb = next(iter(results.values())).watermark / 1e6
+    when = extra.get("when") or time.strftime("%Y-%m-%d %H:%M %Z")
+    if cfg.broker == "redis":
+        header = (
+            f"Flood drill on Redis, {when}: {cfg.flood_procs} hotfix-svc processes ({cfg.payload_bytes} B "
+            f"tasks) for {cfg.flood:.0f} s after {cfg.baseline:.0f} s of web-login alone "
+            f"({cfg.critical_rate:.0f}/s, {cfg.critical_timeout:g} s budget); maxmemory {limit_mb:.1f} MB "
+            f"(noeviction); {extra.get('load', '')}."
+        )
+    else:
+        header = (
+            f"Flood drill, {when}: {cfg.flood_procs} hotfix-svc processes "
+            f"({cfg.payload_bytes} B tasks) for {cfg.flood:.0f} s after {cfg.baseline:.0f} s of web-login "
+            f"alone ({cfg.critical_rate:.0f}/s, confirms, {cfg.critical_timeout:.0f} s budget); watermark "
+            f"{limit_mb:.0f} MB; {extra.get('load', '')}."
+        )
+    stem = result_stem(cfg.broker)
+    (outdir / f"{stem}.md").write_text(header + "\n\n" + tbl + "\n")
     raw = {
         "config": asdict(cfg),
         "extra": extra,
         "phases": {n: {"summary": r.summary} for n, r in results.items()},
     }
-    (outdir / "drill.json").write_text(json.dumps(raw, indent=2, default=str))
+    (outdir / f"{stem}.json").write_text(json.dumps(raw, indent=2, default=str))
     series = {n: asdict(r) for n, r in results.items()}
-    (Path(cfg.workdir) / "series.json").write_text(json.dumps(series, default=str))
+    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+    series_file(cfg).write_text(json.dumps(series, default=str))
     return {"header": header, "table": tbl}
 
 
@@ -836,7 +944,19 @@ def chart(results: dict[str, PhaseResult], cfg: DrillConfig, path: Path) -> Path
     import matplotlib.pyplot as plt
 
     order = [n for n in ("direct", "sluice") if n in results]
-    titles = {"direct": "direct to the broker", "sluice": "through sluice"}
+    redis_mode = cfg.broker == "redis"
+    titles = {"direct": "direct to Redis" if redis_mode else "direct to the broker", "sluice": "through sluice"}
+    words = (
+        {"queue": "list", "ok": "web-login login, audit sent (Redis answered)",
+         "bad": "failed: OOM error or not sent within", "lat": "login → sent, ms",
+         "mem": "Redis used_memory", "limit": "lowered maxmemory",
+         "refused": "OOM: Redis refuses writes", "sent": "sent by hotfix-svc (Celery)"}
+        if redis_mode else
+        {"queue": "queue", "ok": "web-login login, audit confirmed",
+         "bad": "failed: not confirmed within", "lat": "login → confirm, ms",
+         "mem": "broker memory (RSS)", "limit": "lowered watermark",
+         "refused": "memory alarm: publishers blocked", "sent": "published by hotfix-svc (Celery)"}
+    )
     fig, axes = plt.subplots(3, len(order), figsize=(6.2 * len(order), 8.4), sharex="col", squeeze=False)
     lat_max = max(
         (r[1] * 1e3 for res in results.values() for r in res.critical), default=10.0
@@ -857,12 +977,17 @@ def chart(results: dict[str, PhaseResult], cfg: DrillConfig, path: Path) -> Path
         for (ta, a, *_), (tb, b, *_) in zip(fs, fs[2:]):
             xs.append(t((ta + tb) / 2))
             ys.append((b - a) / max(tb - ta, 1e-6))
-        ax_f.plot(xs, ys, color="#ff7f0e", lw=1.5, label="published by hotfix-svc (Celery)")
+        ax_f.plot(xs, ys, color="#ff7f0e", lw=1.5, label=words["sent"])
+        if redis_mode and any(c for _, c in res.oom_series):
+            os_ = res.oom_series
+            xs = [t((ta + tb) / 2) for (ta, _), (tb, _) in zip(os_, os_[4:])]
+            ys = [(b - a) / max(tb - ta, 1e-6) for (ta, a), (tb, b) in zip(os_, os_[4:])]
+            ax_f.plot(xs, ys, color="#d62728", lw=1.0, ls="--", label="OOM error replies from Redis")
         vs = res.verdict_series
         if len(vs) >= 2:
             for key, color, label in (
-                (("forward", "delay"), "#1f77b4", "→ task queue"),
-                (("divert",), "#9467bd", "→ overflow queue"),
+                (("forward", "delay"), "#1f77b4", f"→ task {words['queue']}"),
+                (("divert",), "#9467bd", f"→ overflow {words['queue']}"),
                 (("shed",), "#d62728", "shed"),
             ):
                 xs, ys = [], []
@@ -883,34 +1008,41 @@ def chart(results: dict[str, PhaseResult], cfg: DrillConfig, path: Path) -> Path
         ok = [(t(r[0]), r[1] * 1e3) for r in res.critical if r[2] and r[1] <= budget]
         bad = [(t(r[0]), r[1] * 1e3) for r in res.critical if not (r[2] and r[1] <= budget)]
         if ok:
-            ax_l.scatter(*zip(*ok), s=3, color="#2ca02c", label="web-login login, audit confirmed")
+            ax_l.scatter(*zip(*ok), s=3, color="#2ca02c", label=words["ok"])
         if bad:
             ax_l.scatter(*zip(*bad), s=10, marker="x", color="#d62728", lw=0.8,
-                         label=f"failed: not confirmed within {budget:g} s")
+                         label=f"{words['bad']} {budget:g} s")
         base = res.summary["critical"]["baseline"]["p99_ms"]
         if base:
             ax_l.axhline(base, color="#555", ls="--", lw=0.8, label=f"baseline p99 {fmt_ms(base)}")
             ax_l.axhline(1.5 * base, color="#555", ls=":", lw=0.8, label="1.5 × baseline p99")
         ax_l.set_yscale("log")
         ax_l.set_ylim(max(0.1, min((v for _, v in ok), default=1) / 2), max(lat_max * 1.5, 10))
-        ax_l.set_ylabel("login → confirm, ms")
+        ax_l.set_ylabel(words["lat"])
         ax_l.legend(fontsize=7, loc="upper left")
         # Broker memory
         if res.memory:
-            ax_m.plot([t(a) for a, _ in res.memory], [b / 1e6 for _, b in res.memory], color="#1f77b4", lw=1.4, label="broker memory (RSS)")
-        ax_m.axhline(res.watermark / 1e6, color="#d62728", ls="--", lw=1, label="lowered watermark")
+            ax_m.plot([t(a) for a, _ in res.memory], [b / 1e6 for _, b in res.memory], color="#1f77b4", lw=1.4, label=words["mem"])
+        ax_m.axhline(res.watermark / 1e6, color="#d62728", ls="--", lw=1, label=words["limit"])
         if spans:
-            ax_m.plot([], [], color="#d62728", alpha=0.3, lw=6, label="memory alarm: publishers blocked")
+            ax_m.plot([], [], color="#d62728", alpha=0.3, lw=6, label=words["refused"])
         ax_m.set_ylabel("MB")
         ax_m.set_xlabel("seconds since the flood started")
         ax_m.set_ylim(bottom=0)
         ax_m.legend(fontsize=7, loc="lower left")
-    fig.suptitle(
-        f"Flood drill: {cfg.flood_procs} Celery processes flood reports.rebuild for {cfg.flood:.0f} s "
-        f"(shaded);\nweb-login publishes {cfg.critical_rate:.0f} login audits/s with confirms; "
-        "red: broker memory alarm",
-        fontsize=10,
-    )
+    if redis_mode:
+        title = (
+            f"Flood drill on Redis: {cfg.flood_procs} Celery processes flood reports.rebuild for "
+            f"{cfg.flood:.0f} s (shaded);\nweb-login sends {cfg.critical_rate:.0f} login audits/s; "
+            "red: Redis at maxmemory, refusing writes (OOM)"
+        )
+    else:
+        title = (
+            f"Flood drill: {cfg.flood_procs} Celery processes flood reports.rebuild for {cfg.flood:.0f} s "
+            f"(shaded);\nweb-login publishes {cfg.critical_rate:.0f} login audits/s with confirms; "
+            "red: broker memory alarm"
+        )
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -922,11 +1054,12 @@ def chart(results: dict[str, PhaseResult], cfg: DrillConfig, path: Path) -> Path
 # CLI
 
 
-def replot(outdir: Path) -> int:
-    """Table and chart again from a run's raw series (results/work/series.json)."""
-    raw = json.loads((outdir / "drill.json").read_text())
+def replot(outdir: Path, broker_kind: str = "rabbitmq") -> int:
+    """Table and chart again from a run's raw series (results/work/series*.json)."""
+    stem = result_stem(broker_kind)
+    raw = json.loads((outdir / f"{stem}.json").read_text())
     cfg = DrillConfig(**{k: v for k, v in raw["config"].items() if k in DrillConfig.__dataclass_fields__})
-    series = json.loads((Path(cfg.workdir) / "series.json").read_text())
+    series = json.loads(series_file(cfg).read_text())
     results = {}
     for name, data in series.items():
         data.pop("summary", None)
@@ -936,13 +1069,31 @@ def replot(outdir: Path) -> int:
         results[name] = res
     out = write_results(results, cfg, outdir, raw.get("extra", {}))
     print(out["header"] + "\n\n" + out["table"])
-    print(f"chart: {chart(results, cfg, outdir / 'drill.png')}")
+    print(f"chart: {chart(results, cfg, outdir / f'{stem}.png')}")
     return 0
+
+
+def restore_all(log=print) -> bool:
+    """Put back whatever an interrupted drill left lowered: RabbitMQ's watermark, Redis's
+    maxmemory (each only if its state file says so). Returns whether anything was restored."""
+    import redis_broker
+
+    restored = False
+    for name, fn in (("RabbitMQ", broker.restore_stale_state), ("Redis", redis_broker.restore_stale_state)):
+        try:
+            restored = fn(log) is not None or restored
+        except (broker.BrokerError, redis_broker.BrokerError) as e:
+            log(f"!! {name}: {e}")
+            raise SystemExit(1) from e
+    return restored
 
 
 def main(argv=None) -> int:
     d = DrillConfig()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--broker", choices=("rabbitmq", "redis"), default="rabbitmq",
+                    help="replay the incident on RabbitMQ (default; its memory watermark lowered) or on "
+                         "Redis (its maxmemory lowered, noeviction)")
     ap.add_argument("--phases", default="sluice,direct", help="which phases, in order (default: sluice,direct)")
     ap.add_argument("--baseline", type=float, default=d.baseline, help="seconds of web-login alone before the flood")
     ap.add_argument("--flood", type=float, default=d.flood, help="seconds of flood per phase")
@@ -952,19 +1103,22 @@ def main(argv=None) -> int:
     ap.add_argument("--critical-rate", type=float, default=d.critical_rate)
     ap.add_argument("--critical-timeout", type=float, default=d.critical_timeout)
     ap.add_argument("--critical-workers", type=int, default=d.critical_workers)
-    ap.add_argument("--headroom-mb", type=float, default=d.headroom_mb, help="watermark = broker memory at start + this")
+    ap.add_argument("--headroom-mb", type=float, default=None,
+                    help="watermark (RabbitMQ) or maxmemory (Redis) = the broker's memory at the start + this "
+                         "(default: 200 on RabbitMQ, 50 on Redis)")
     ap.add_argument("--sluice-bin", default=d.sluice_bin)
-    ap.add_argument("--config", default=d.sluice_config, help="the sluice config under test")
+    ap.add_argument("--config", default=None,
+                    help="the sluice config under test (default: sluice-drill.toml, or sluice-drill-redis.toml with --broker redis)")
     ap.add_argument("--results", default=str(HERE / "results"))
     ap.add_argument("--no-chart", action="store_true")
-    ap.add_argument("--restore", action="store_true", help="only restore a watermark an interrupted drill left lowered")
-    ap.add_argument("--replot", action="store_true", help="redo the table and chart of the last run in --results")
+    ap.add_argument("--restore", action="store_true",
+                    help="only put back what an interrupted drill left lowered (RabbitMQ's watermark, Redis's maxmemory)")
+    ap.add_argument("--replot", action="store_true", help="redo the table and chart of the last run in --results (of --broker)")
     a = ap.parse_args(argv)
     if a.replot:
-        return replot(Path(a.results))
+        return replot(Path(a.results), a.broker)
     if a.restore:
-        orig = broker.restore_stale_state()
-        print("nothing to restore" if orig is None else "restored")
+        print("restored" if restore_all() else "nothing to restore")
         return 0
     phases = [p.strip() for p in a.phases.split(",") if p.strip()]
     if not phases or any(p not in ("direct", "sluice") for p in phases):
@@ -973,7 +1127,8 @@ def main(argv=None) -> int:
         baseline=a.baseline, flood=a.flood, recovery=a.recovery, flood_procs=a.flood_procs,
         payload_bytes=a.payload_bytes, critical_rate=a.critical_rate,
         critical_timeout=a.critical_timeout, critical_workers=a.critical_workers, headroom_mb=a.headroom_mb, sluice_bin=a.sluice_bin,
-        sluice_config=str(Path(a.config).resolve()), workdir=str(Path(a.results) / "work"),
+        sluice_config=str(Path(a.config).resolve()) if a.config else "", workdir=str(Path(a.results) / "work"),
+        broker=a.broker,
     )
     load_before = machine_note()
     when = time.strftime("%Y-%m-%d %H:%M %Z")
@@ -985,10 +1140,11 @@ def main(argv=None) -> int:
     print(out["header"])
     print()
     print(out["table"])
+    stem = result_stem(cfg.broker)
     if not a.no_chart:
-        png = chart(drill.results, cfg, Path(a.results) / "drill.png")
+        png = chart(drill.results, cfg, Path(a.results) / f"{stem}.png")
         print(f"\nchart: {png}")
-    print(f"results: {Path(a.results) / 'drill.md'}, raw: {Path(a.results) / 'drill.json'}")
+    print(f"results: {Path(a.results) / f'{stem}.md'}, raw: {Path(a.results) / f'{stem}.json'}")
     return 0
 
 

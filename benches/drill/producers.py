@@ -10,6 +10,12 @@
 
 Both name themselves with the ``connection_name`` client property, which is how sluice tells
 producers apart. Neither knows whether it talks to the broker or to sluice: only the URL differs.
+
+With a ``redis://`` URL (the drill's Redis mode) the same code runs on kombu's Redis transport:
+there are no publisher confirms (a send succeeded when ``send_task`` returned: Redis answered the
+LPUSH), and since kombu's Redis transport has no option to name its connections (no ``CLIENT
+SETNAME``), each producer names itself in a task header instead (``producer``, added by a
+``before_task_publish`` handler), which sluice reads per message (``header:producer``).
 """
 
 from __future__ import annotations
@@ -19,37 +25,89 @@ import time
 import uuid
 
 TASK_QUEUES = {"reports": "drill.reports", "auth": "drill.auth"}
+# On Redis the queues are lists in a server other tools share: names only the drill uses.
+REDIS_TASK_QUEUES = {"reports": "sluice-drill.reports", "auth": "sluice-drill.auth"}
 FLOOD_TASK = "reports.rebuild"
 CRITICAL_TASK = "auth.login_audit"
+# The task header a producer names itself with on Redis (sluice: `header:producer`).
+PRODUCER_HEADER = "producer"
+# Shared counters per flood process: sent, errors (send_task raised), reconnects, ready, errors
+# that were Redis's OOM reply.
+FLOOD_STRIDE = 5
+
+
+def is_redis(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://"))
+
+
+def task_queues(url: str) -> dict[str, str]:
+    return REDIS_TASK_QUEUES if is_redis(url) else TASK_QUEUES
+
+
+def error_kind(e: BaseException) -> str:
+    """What a failed send ran into: Redis's OOM reply, a sluice shed, else the exception type.
+
+    kombu re-raises redis-py's errors as its own (``OperationalError``), keeping the original as
+    the cause; redis-py turns ``-OOM command not allowed ...`` into ``OutOfMemoryError`` with the
+    code stripped from the message."""
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 5:
+        text = str(cur)
+        if type(cur).__name__ == "OutOfMemoryError" or "command not allowed when used memory" in text:
+            return "OOM"
+        if "SLUICE shed" in text:
+            return "shed"
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return type(e).__name__
 
 
 def celery_app(url: str, producer: str, confirm: bool, timeout: float = 10.0):
     from celery import Celery
     from kombu import Queue
 
+    queues = task_queues(url)
     app = Celery(f"drill-{producer}", set_as_current=False)
-    options = {"client_properties": {"connection_name": producer}}
-    if confirm:
-        options["confirm_publish"] = True
+    if is_redis(url):
+        # No confirms on Redis. socket_timeout bounds a send stuck on a dead connection
+        # (sluice's pacing holds a push for at most a few seconds).
+        options = {"socket_timeout": max(10.0, 3 * timeout), "socket_connect_timeout": timeout}
+        _name_tasks(producer)
+    else:
+        options = {"client_properties": {"connection_name": producer}}
+        if confirm:
+            options["confirm_publish"] = True
     app.conf.update(
         broker_url=url,
         broker_transport_options=options,
         broker_connection_timeout=timeout,
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue(q, routing_key=q) for q in TASK_QUEUES.values()],
-        task_routes={"reports.*": {"queue": TASK_QUEUES["reports"]},
-                     "auth.*": {"queue": TASK_QUEUES["auth"]}},
-        task_default_queue=TASK_QUEUES["reports"],
+        task_queues=[Queue(q, routing_key=q) for q in queues.values()],
+        task_routes={"reports.*": {"queue": queues["reports"]},
+                     "auth.*": {"queue": queues["auth"]}},
+        task_default_queue=queues["reports"],
         result_backend=None,
         task_ignore_result=True,
     )
     return app
 
 
+def _name_tasks(producer: str) -> None:
+    """Every task this process sends carries ``producer: <name>`` in its headers."""
+    from celery import signals
+
+    def name(headers=None, **_):
+        if headers is not None:
+            headers.setdefault(PRODUCER_HEADER, producer)
+
+    signals.before_task_publish.connect(name, weak=False)
+
+
 def flood_main(url: str, index: int, counters, go, stop, payload_bytes: int, nice: int) -> None:
     """One hotfix-svc process: connects, says it is ready, waits for ``go``, then floods until
-    ``stop``. ``counters`` is a shared array with [sent, errors, reconnects, ready] per process,
-    at ``4 * index``."""
+    ``stop``. ``counters`` is a shared array with [sent, errors, reconnects, ready, OOM errors]
+    per process, at ``FLOOD_STRIDE * index``."""
     if nice:
         try:
             os.nice(nice)
@@ -57,7 +115,7 @@ def flood_main(url: str, index: int, counters, go, stop, payload_bytes: int, nic
             pass
     app = celery_app(url, "hotfix-svc", confirm=False)
     payload = "r" * payload_bytes
-    base = 4 * index
+    base = FLOOD_STRIDE * index
     conn = app.connection_for_write()
     conn.ensure_connection(max_retries=3)
     producer = app.amqp.Producer(conn)
@@ -70,8 +128,10 @@ def flood_main(url: str, index: int, counters, go, stop, payload_bytes: int, nic
             app.send_task(FLOOD_TASK, args=[n, payload], producer=producer)
             n += 1
             counters[base] += 1
-        except Exception:
+        except Exception as e:
             counters[base + 1] += 1
+            if error_kind(e) == "OOM":
+                counters[base + 4] += 1
             time.sleep(0.05)
         # kombu replaces the underlying connection when it reconnects (e.g. after py-amqp's
         # TCP_USER_TIMEOUT aborted a stalled socket); whatever was in the old one is gone.
@@ -87,8 +147,9 @@ def flood_main(url: str, index: int, counters, go, stop, payload_bytes: int, nic
 
 
 def critical_main(url: str, rate: float, budget: float, out, stop, workers: int = 8) -> None:
-    """web-login: a login every ``1/rate`` seconds, each publishing one task with confirms,
-    served by ``workers`` threads with a connection each (a web server's worker pool).
+    """web-login: a login every ``1/rate`` seconds, each publishing one task with confirms (on
+    Redis: without, the send succeeded when Redis answered), served by ``workers`` threads with a
+    connection each (a web server's worker pool).
 
     Latency is measured from the moment the login arrived, not from when a worker got to it, so
     a stuck broker also counts against the logins waiting for a free worker. A login whose
@@ -99,7 +160,7 @@ def critical_main(url: str, rate: float, budget: float, out, stop, workers: int 
     import queue
     import threading
 
-    app = celery_app(url, "web-login", confirm=True, timeout=budget)
+    app = celery_app(url, "web-login", confirm=not is_redis(url), timeout=budget)
     arrivals: queue.Queue = queue.Queue()
     ready = threading.Barrier(workers + 1)
 
@@ -139,8 +200,8 @@ def critical_main(url: str, rate: float, budget: float, out, stop, workers: int 
                     confirm_timeout=left,
                 )
                 out.put(("publish", slot, time.time() - slot, True, "", tid, time.perf_counter() - p0))
-            except Exception as e:  # timed out, nacked, connection lost: a failed login
-                out.put(("publish", slot, time.time() - slot, False, type(e).__name__, tid,
+            except Exception as e:  # timed out, nacked, OOM, connection lost: a failed login
+                out.put(("publish", slot, time.time() - slot, False, error_kind(e), tid,
                          time.perf_counter() - p0))
                 if conn is not None:
                     try:
