@@ -173,6 +173,7 @@ class Sluice:
             stdout=self._err,
             stderr=self._err,
             env={**os.environ, "NO_COLOR": "1"},
+            preexec_fn=_term_with_parent,
         )
         try:
             self._wait_ready()
@@ -271,6 +272,16 @@ class Sluice:
                 self.proc.wait(timeout=5)
         self._err.close()
         return self.proc.returncode
+
+
+def _term_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the drill dies, even killed outright (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def render_config(src: Path, dst: Path, amqp_port: int, admin_port: int) -> None:
@@ -530,9 +541,9 @@ class Phase:
         now = time.time()
         n, w = self.cfg.flood_procs, producers.FLOOD_STRIDE
         if force or not res.flood_series or now - res.flood_series[-1][0] >= 0.5:
-            # (t, sent, errors, reconnects, OOM errors)
+            # (t, sent, errors, reconnects, OOM errors, shed errors)
             res.flood_series.append(
-                (now, *[sum(counters[w * i + k] for i in range(n)) for k in (0, 1, 2, 4)])
+                (now, *[sum(counters[w * i + k] for i in range(n)) for k in (0, 1, 2, 4, 5)])
             )
         if sl is not None and (force or not res.verdict_series or now - res.verdict_series[-1][0] >= 1.0):
             v = sl.verdicts()
@@ -605,8 +616,9 @@ def summarize(res: PhaseResult, cfg: DrillConfig) -> dict:
     found = set()
     for ids in res.critical_found.values():
         found.update(ids)
-    _, sent, flood_errors, reconnects, *rest = res.flood_series[-1] if res.flood_series else (0, 0, 0, 0, 0)
+    _, sent, flood_errors, reconnects, *rest = res.flood_series[-1] if res.flood_series else (0, 0, 0, 0)
     flood_oom = rest[0] if rest else 0
+    flood_shed_errors = rest[1] if len(rest) > 1 else 0
     # Sends that raised, by what they ran into (web-login): a login that waited past its budget
     # for a free worker ("late") never tried.
     send_errors = {k: v for k, v in errors.items() if k not in ("late", "over budget")}
@@ -661,6 +673,7 @@ def summarize(res: PhaseResult, cfg: DrillConfig) -> dict:
             "rate_peak": max(flood_rates, default=0.0),
             "errors": int(flood_errors),
             "oom_errors": int(flood_oom),
+            "shed_errors": int(flood_shed_errors),
             "reconnects": int(reconnects),
             "forwarded": int(hv.get("forward", 0) + hv.get("delay", 0)) if verdicts else None,
             "held_then_forwarded": int(hv.get("delay", 0)) if verdicts else None,
@@ -857,7 +870,11 @@ def table_redis(results: dict[str, PhaseResult]) -> str:
         f = s["flood"]
         if not f["errors"]:
             return "0"
-        return f"{f['errors']:,} (OOM {f['oom_errors']:,})"
+        kinds = [f"OOM {f['oom_errors']:,}", f"shed {f.get('shed_errors', 0):,}"]
+        other = f["errors"] - f["oom_errors"] - f.get("shed_errors", 0)
+        if other:
+            kinds.append(f"other {other:,}")
+        return f"{f['errors']:,} ({', '.join(kinds)})"
 
     lines = [
         "| | " + " | ".join(heads[k] for k in order) + " |",
@@ -1085,6 +1102,19 @@ def restore_all(log=print) -> bool:
         except (broker.BrokerError, redis_broker.BrokerError) as e:
             log(f"!! {name}: {e}")
             raise SystemExit(1) from e
+    # The Redis mode's lists hold memory in a Redis other tools share: drop what a killed drill
+    # left (no drill is running: restore_stale_state would have refused). Skipped without Redis.
+    try:
+        lists = redis_broker.Lists(backends.names("redis").all)
+        try:
+            n = lists.delete()
+        finally:
+            lists.close()
+        if n:
+            log(f"deleted {n} list(s) an earlier Redis drill left")
+            restored = True
+    except redis_broker.redis.exceptions.ConnectionError:
+        pass
     return restored
 
 

@@ -32,8 +32,8 @@ CRITICAL_TASK = "auth.login_audit"
 # The task header a producer names itself with on Redis (sluice: `header:producer`).
 PRODUCER_HEADER = "producer"
 # Shared counters per flood process: sent, errors (send_task raised), reconnects, ready, errors
-# that were Redis's OOM reply.
-FLOOD_STRIDE = 5
+# that were Redis's OOM reply, errors that were a sluice shed (Redis: `-SLUICE shed: ...`).
+FLOOD_STRIDE = 6
 
 
 def is_redis(url: str) -> bool:
@@ -61,6 +61,12 @@ def error_kind(e: BaseException) -> str:
         cur = cur.__cause__ or cur.__context__
         seen += 1
     return type(e).__name__
+
+
+def orphaned(parent: int) -> bool:
+    """Whether the drill that started this process is gone (killed outright: no one will set
+    ``stop``). The producers then stop by themselves instead of writing into the broker forever."""
+    return os.getppid() != parent
 
 
 def celery_app(url: str, producer: str, confirm: bool, timeout: float = 10.0):
@@ -106,8 +112,8 @@ def _name_tasks(producer: str) -> None:
 
 def flood_main(url: str, index: int, counters, go, stop, payload_bytes: int, nice: int) -> None:
     """One hotfix-svc process: connects, says it is ready, waits for ``go``, then floods until
-    ``stop``. ``counters`` is a shared array with [sent, errors, reconnects, ready, OOM errors]
-    per process, at ``FLOOD_STRIDE * index``."""
+    ``stop``. ``counters`` is a shared array with [sent, errors, reconnects, ready, OOM errors,
+    shed errors] per process, at ``FLOOD_STRIDE * index``."""
     if nice:
         try:
             os.nice(nice)
@@ -121,17 +127,23 @@ def flood_main(url: str, index: int, counters, go, stop, payload_bytes: int, nic
     producer = app.amqp.Producer(conn)
     last_transport = getattr(conn, "_connection", None)
     counters[base + 3] = 1
-    go.wait()
+    parent = os.getppid()
+    while not go.wait(1.0):
+        if orphaned(parent):
+            return
     n = 0
-    while not stop.is_set():
+    while not stop.is_set() and not orphaned(parent):
         try:
             app.send_task(FLOOD_TASK, args=[n, payload], producer=producer)
             n += 1
             counters[base] += 1
         except Exception as e:
             counters[base + 1] += 1
-            if error_kind(e) == "OOM":
+            kind = error_kind(e)
+            if kind == "OOM":
                 counters[base + 4] += 1
+            elif kind == "shed":
+                counters[base + 5] += 1
             time.sleep(0.05)
         # kombu replaces the underlying connection when it reconnects (e.g. after py-amqp's
         # TCP_USER_TIMEOUT aborted a stalled socket); whatever was in the old one is gone.
@@ -222,7 +234,8 @@ def critical_main(url: str, rate: float, budget: float, out, stop, workers: int 
     out.put(("ready",))
     interval = 1.0 / rate
     next_t = time.time()
-    while not stop.is_set():
+    parent = os.getppid()
+    while not stop.is_set() and not orphaned(parent):
         now = time.time()
         if now < next_t:
             stop.wait(min(next_t - now, 0.05))
