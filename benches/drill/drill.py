@@ -891,7 +891,7 @@ def table_redis(results: dict[str, PhaseResult]) -> str:
         row("→ pushes shed by sluice (`-SLUICE shed`)", verdict("shed")),
         row("`send_task` errors (after Celery's retries)", flood_errors),
         row("lost (sent, not in Redis)", lambda s: f"{s['flood']['lost']:,}"),
-        row("Celery reconnects", lambda s: f"{s['flood']['reconnects']}"),
+        row("Celery reconnects", lambda s: f"{s['flood']['reconnects']:,}"),
         row("sluice policy errors", lambda s: "-" if not s["policies"] else ", ".join(
             f"{p}: {sum(h['errors'].values())}{' (DISABLED)' if h['disabled'] else ''}"
             for p, h in s["policies"].items())),

@@ -21,6 +21,7 @@ SETNAME``), each producer names itself in a task header instead (``producer``, a
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 
@@ -132,6 +133,7 @@ def flood_main(url: str, index: int, counters, go, stop, payload_bytes: int, nic
         if orphaned(parent):
             return
     n = 0
+    seen: set[str] = set()
     while not stop.is_set() and not orphaned(parent):
         try:
             app.send_task(FLOOD_TASK, args=[n, payload], producer=producer)
@@ -140,6 +142,9 @@ def flood_main(url: str, index: int, counters, go, stop, payload_bytes: int, nic
         except Exception as e:
             counters[base + 1] += 1
             kind = error_kind(e)
+            if kind not in seen:  # the first of each kind, for the drill's log
+                seen.add(kind)
+                print(f"hotfix-svc-{index}: send_task failed ({kind}): {e!r:.300}", file=sys.stderr, flush=True)
             if kind == "OOM":
                 counters[base + 4] += 1
             elif kind == "shed":
