@@ -52,6 +52,20 @@ struct Replies {
     slots: VecDeque<Slot>,
     /// Bytes of `Local` replies queued (bounded by `max_buffered_per_connection`).
     local_bytes: usize,
+    /// Slots that wait for the server (`Upstream`, `Swallow`, `Raw`): while there are none, a
+    /// new `Local` reply can go out at once.
+    waiting: usize,
+}
+
+impl Replies {
+    fn pop_front(&mut self) -> Option<Slot> {
+        let slot = self.slots.pop_front()?;
+        match &slot {
+            Slot::Local(b) => self.local_bytes = self.local_bytes.saturating_sub(b.len()),
+            _ => self.waiting = self.waiting.saturating_sub(1),
+        }
+        Some(slot)
+    }
 }
 
 struct Shared {
@@ -65,13 +79,12 @@ struct Shared {
 impl Shared {
     fn push(&self, slot: Slot) {
         let mut r = self.replies.lock();
-        if let Slot::Local(b) = &slot {
-            r.local_bytes += b.len();
+        // Only a reply that can go out now needs the pump woken.
+        let wake = r.waiting == 0 && matches!(slot, Slot::Local(_) | Slot::Raw);
+        match &slot {
+            Slot::Local(b) => r.local_bytes += b.len(),
+            _ => r.waiting += 1,
         }
-        let wake = !matches!(slot, Slot::Upstream | Slot::Swallow) && {
-            // Only a reply that can go out now needs the pump woken.
-            r.slots.iter().all(|s| matches!(s, Slot::Local(_)))
-        };
         r.slots.push_back(slot);
         drop(r);
         if wake {
@@ -175,7 +188,7 @@ async fn run(
         out: OutQueue::default(),
         raw: false,
     };
-    let out_task = tokio::spawn(outbound.run().in_current_span());
+    let mut out_task = tokio::spawn(outbound.run().in_current_span());
     let inbound = Inbound::new(
         rt.clone(),
         listener.clone(),
@@ -188,7 +201,7 @@ async fn run(
     inbound.run().await;
     // The outbound pump ends once the server closes its side (after answering everything sent)
     // or the client goes away.
-    if tokio::time::timeout(Duration::from_secs(5), shared.done.cancelled())
+    if tokio::time::timeout(Duration::from_secs(5), &mut out_task)
         .await
         .is_err()
     {
@@ -248,11 +261,8 @@ impl Outbound {
         }
         let mut r = self.shared.replies.lock();
         while matches!(r.slots.front(), Some(Slot::Local(_) | Slot::Raw)) {
-            match r.slots.pop_front() {
-                Some(Slot::Local(b)) => {
-                    r.local_bytes = r.local_bytes.saturating_sub(b.len());
-                    self.out.push(&b);
-                }
+            match r.pop_front() {
+                Some(Slot::Local(b)) => self.out.push(&b),
                 Some(Slot::Raw) => self.raw = true,
                 _ => break,
             }
@@ -304,10 +314,10 @@ impl Outbound {
         let mut r = self.shared.replies.lock();
         match r.slots.front() {
             Some(Slot::Upstream | Slot::Swallow) => {
-                r.slots.pop_front();
+                r.pop_front();
             }
             Some(Slot::Raw) => {
-                r.slots.pop_front();
+                r.pop_front();
                 self.raw = true;
             }
             // A reply nothing asked for (a server-initiated error before closing, say).
