@@ -49,8 +49,9 @@ plugins:
 test-plugins:
 	cd plugins && CARGO_TARGET_DIR=$(PLUGINS_TARGET_DIR) cargo test
 
-# The flood drill, shortened, as a test (benches/drill). It lowers RabbitMQ's memory watermark
-# (always restored), so it runs alone, after everything else, with the release build the drill uses.
+# The flood drill, shortened, as a test (benches/drill), on RabbitMQ and on Redis. It lowers
+# RabbitMQ's memory watermark and Redis's maxmemory (always restored), so it runs alone, after
+# everything else, with the release build the drill uses.
 test-drill: broker venv plugins
 	cargo build --release -p sluice
 	SLUICE_BIN=$(CARGO_TARGET_DIR)/release/sluice $(VENV)/bin/python -m pytest -q -m broker_wide tests/python/test_drill.py
