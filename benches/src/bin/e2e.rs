@@ -4,6 +4,7 @@
 //! cargo build --release -p sluice -p sluice-benches
 //! cargo run --release -p sluice-benches --bin e2e                # quick: ~2-3 min
 //! cargo run --release -p sluice-benches --bin e2e -- --full      # the whole matrix: ~20 min
+//! cargo run --release -p sluice-benches --bin e2e -- --tls       # TLS: direct-tls vs sluice-tls
 //! ```
 //!
 //! Prints Markdown tables (paste into `benches/RESULTS.md`); every leg is kept in
@@ -38,7 +39,8 @@ struct Args {
     /// Seconds of load per leg (default 1; with --full 2).
     #[arg(long)]
     leg_seconds: Option<f64>,
-    /// Targets (default: all; a sluice mode whose config `sluice check` rejects is skipped).
+    /// Targets (default: direct, haproxy and the three sluice modes; with --tls direct-tls and
+    /// sluice-tls). A sluice mode whose config `sluice check` rejects is skipped.
     #[arg(long, value_delimiter = ',', value_parser = Target::parse)]
     targets: Option<Vec<Target>>,
     /// Message bodies: raw bytes, or Celery task messages (headers the plugin reads).
@@ -65,6 +67,14 @@ struct Args {
     /// Where configs, logs and results go (default /tmp/sluice-e2e-<pid>).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// TLS on the client legs: a throwaway CA, stunnel in front of the broker (`direct-tls`, the
+    /// baseline) and sluice with a TLS listener and a TLS upstream to that stunnel
+    /// (`sluice-tls`).
+    #[arg(long)]
+    tls: bool,
+    /// The stunnel binary (default: `stunnel4`, else `stunnel`).
+    #[arg(long)]
+    stunnel_bin: Option<String>,
 }
 
 fn parse_confirm(s: &str) -> Result<ConfirmMode, String> {
@@ -114,7 +124,13 @@ fn plan(a: Args) -> Result<Plan> {
     Ok(Plan {
         broker: a.broker,
         cells,
-        targets: a.targets.unwrap_or_else(|| Target::ALL.to_vec()),
+        targets: a.targets.unwrap_or_else(|| {
+            if a.tls {
+                Target::TLS.to_vec()
+            } else {
+                Target::PLAIN.to_vec()
+            }
+        }),
         rounds: a.rounds.unwrap_or(if a.full { 5 } else { 3 }).max(1),
         leg_seconds: a.leg_seconds.unwrap_or(if a.full { 2.0 } else { 1.0 }),
         body: a.body,
@@ -126,6 +142,8 @@ fn plan(a: Args) -> Result<Plan> {
         dir: a.dir.unwrap_or_else(|| {
             std::env::temp_dir().join(format!("sluice-e2e-{}", std::process::id()))
         }),
+        tls: a.tls,
+        stunnel_bin: a.stunnel_bin,
     })
 }
 

@@ -11,6 +11,7 @@
 use anyhow::Result;
 use clap::Parser;
 use sluice_benches::loadgen::{self, parse_tasks, ConfirmMode, Shape};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -69,6 +70,9 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// A CA certificate (PEM) to trust for an `amqps://` --url, besides the system roots.
+    #[arg(long)]
+    ca: Option<PathBuf>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -111,6 +115,7 @@ async fn run(args: Args) -> Result<bool> {
     cfg.mandatory = args.mandatory;
     cfg.progress = !args.quiet;
     cfg.timeout = Duration::from_secs(args.timeout);
+    cfg.tls_ca = args.ca;
     let summary = loadgen::run(&cfg).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);

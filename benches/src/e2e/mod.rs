@@ -1,11 +1,14 @@
 //! The end-to-end harness: in one run, the same load against the broker directly, through
 //! HAProxy (TCP mode) and through sluice in three modes, alternating targets over several
 //! rounds so machine noise shows; then confirm latency at half load, and resident memory per
-//! idle proxied connection. Results are reported as paired ratios against direct.
+//! idle proxied connection. Results are reported as paired ratios against direct. With `--tls`
+//! the targets are TLS on every client leg instead: stunnel in front of the broker
+//! (`direct-tls`) and sluice terminating TLS with a TLS upstream to that stunnel (`sluice-tls`).
 
 pub mod idle;
 pub mod procs;
 pub mod report;
+pub mod tls;
 
 use crate::loadgen::{self, ConfirmMode, TaskWeight};
 use anyhow::{bail, Context, Result};
@@ -28,6 +31,10 @@ pub enum Target {
     Haproxy,
     /// sluice in a mode.
     Sluice(SluiceMode),
+    /// TLS to the broker: stunnel terminating TLS in front of it (`--tls`).
+    DirectTls,
+    /// sluice terminating client TLS, TLS upstream to that stunnel, no rules (`--tls`).
+    SluiceTls,
 }
 
 impl Target {
@@ -37,17 +44,38 @@ impl Target {
             Target::Direct => "direct",
             Target::Haproxy => "haproxy",
             Target::Sluice(m) => m.name(),
+            Target::DirectTls => "direct-tls",
+            Target::SluiceTls => "sluice-tls",
         }
     }
 
     /// Every target, in table order.
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 7] = [
+        Target::Direct,
+        Target::Haproxy,
+        Target::Sluice(SluiceMode::NoRules),
+        Target::Sluice(SluiceMode::Quotas),
+        Target::Sluice(SluiceMode::Plugin),
+        Target::DirectTls,
+        Target::SluiceTls,
+    ];
+
+    /// The default targets of a plain run.
+    pub const PLAIN: [Target; 5] = [
         Target::Direct,
         Target::Haproxy,
         Target::Sluice(SluiceMode::NoRules),
         Target::Sluice(SluiceMode::Quotas),
         Target::Sluice(SluiceMode::Plugin),
     ];
+
+    /// The default targets of a `--tls` run.
+    pub const TLS: [Target; 2] = [Target::DirectTls, Target::SluiceTls];
+
+    /// Whether clients speak TLS to this target.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Target::DirectTls | Target::SluiceTls)
+    }
 
     /// Parse a `--targets` entry.
     pub fn parse(s: &str) -> Result<Target, String> {
@@ -56,7 +84,8 @@ impl Target {
             .find(|t| t.name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown target '{s}' (direct, haproxy, sluice, sluice-quotas, sluice-plugin)"
+                    "unknown target '{s}' (direct, haproxy, sluice, sluice-quotas, sluice-plugin, \
+                     direct-tls, sluice-tls)"
                 )
             })
     }
@@ -152,12 +181,25 @@ pub struct Plan {
     pub plugin: PathBuf,
     /// Configs, logs and the JSON results go here.
     pub dir: PathBuf,
+    /// TLS mode: `direct-tls` is the baseline, and the TLS targets may run.
+    pub tls: bool,
+    /// The stunnel binary (`None`: `stunnel4`, else `stunnel`).
+    pub stunnel_bin: Option<String>,
 }
 
 impl Plan {
     /// The AMQP URL of the broker.
     pub fn broker_url(&self) -> String {
         format!("amqp://guest:guest@{}/%2f", self.broker)
+    }
+
+    /// The target every ratio is taken against: `direct`, or `direct-tls` with `--tls`.
+    pub fn baseline(&self) -> Target {
+        if self.tls {
+            Target::DirectTls
+        } else {
+            Target::Direct
+        }
     }
 }
 
@@ -192,8 +234,11 @@ pub struct Leg {
     pub depth: u64,
     /// Confirmed (or, without confirms, sent) messages missing from the queue.
     pub lost: u64,
-    /// CPU µs per message of the proxy (none for direct).
+    /// CPU µs per message of the proxy (none for direct and direct-tls).
     pub proxy_cpu_us: Option<f64>,
+    /// CPU µs per message of stunnel, the TLS terminator in front of the broker (TLS targets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stunnel_cpu_us: Option<f64>,
     /// CPU µs per message of the broker (`beam.smp`), when found.
     pub broker_cpu_us: Option<f64>,
     /// CPU µs per message of the load generator (this process).
@@ -209,6 +254,8 @@ pub struct Results {
     pub facts: report::Facts,
     /// Targets skipped, with the reason.
     pub skipped: Vec<(String, String)>,
+    /// The target ratios are taken against.
+    pub baseline: Target,
     /// Every leg.
     pub legs: Vec<Leg>,
     /// Idle-connection memory.
@@ -221,15 +268,33 @@ pub struct Results {
 struct Running {
     haproxy: Option<Proc>,
     sluice: BTreeMap<SluiceMode, Proc>,
+    // Dropped (killed) before stunnel, its upstream.
+    sluice_tls: Option<Proc>,
+    stunnel: Option<Proc>,
 }
 
 impl Running {
+    /// The proxy a target's CPU is measured on.
     fn proc(&self, t: Target) -> Option<&Proc> {
         match t {
-            Target::Direct => None,
+            Target::Direct | Target::DirectTls => None,
             Target::Haproxy => self.haproxy.as_ref(),
             Target::Sluice(m) => self.sluice.get(&m),
+            Target::SluiceTls => self.sluice_tls.as_ref(),
         }
+    }
+
+    /// Where a target's clients connect.
+    fn url(&self, t: Target, broker_url: &str) -> Result<String> {
+        let missing = || anyhow::anyhow!("{} is not running", t.name());
+        Ok(match t {
+            Target::Direct => broker_url.to_string(),
+            Target::DirectTls => tls::url(self.stunnel.as_ref().ok_or_else(missing)?.addr.port()),
+            Target::SluiceTls => {
+                tls::url(self.sluice_tls.as_ref().ok_or_else(missing)?.addr.port())
+            }
+            _ => self.proc(t).ok_or_else(missing)?.url(),
+        })
     }
 }
 
@@ -241,6 +306,8 @@ pub struct Harness {
     admin: Option<(lapin::Connection, Channel)>,
     legs_run: usize,
     tasks: Vec<TaskWeight>,
+    pki: Option<tls::Pki>,
+    stunnel_bin: String,
 }
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
@@ -269,6 +336,8 @@ impl Harness {
                 "orders.confirm:80,auth.login:10,reports.rebuild:10",
             )
             .unwrap_or_default(),
+            pki: None,
+            stunnel_bin: String::new(),
         }
     }
 
@@ -277,6 +346,12 @@ impl Harness {
         let started = Instant::now();
         std::fs::create_dir_all(&self.plan.dir)?;
         let mut skipped = Vec::new();
+        if self.plan.tls {
+            self.stunnel_bin = tls::find_stunnel(self.plan.stunnel_bin.as_deref())?;
+            self.pki = Some(tls::Pki::generate(&self.plan.dir).context("generate the test CA")?);
+        } else if let Some(t) = self.plan.targets.iter().find(|t| t.is_tls()) {
+            bail!("target {} needs --tls", t.name());
+        }
         let targets = self.usable_targets(&mut skipped)?;
         self.plan.targets = targets;
         let conn = loadgen::connect(&self.plan.broker_url(), "e2e-admin").await?;
@@ -291,7 +366,13 @@ impl Harness {
             eprintln!("e2e: run stopped early: {e:#}");
             skipped.push(("(run)".into(), format!("stopped early: {e:#}")));
         }
-        let idle = if self.plan.idle_connections > 0 {
+        // Idle connections are plain AMQP through HAProxy or sluice: a TLS-only run has none.
+        let plain_proxy = self
+            .plan
+            .targets
+            .iter()
+            .any(|t| matches!(t, Target::Haproxy | Target::Sluice(_)));
+        let idle = if self.plan.idle_connections > 0 && plain_proxy {
             match idle::measure(&self.plan, &self.plan.targets).await {
                 Ok(v) => v,
                 Err(e) => {
@@ -308,6 +389,7 @@ impl Harness {
         Ok(Results {
             facts: report::Facts::gather(&self.plan),
             skipped,
+            baseline: self.plan.baseline(),
             legs,
             idle,
             seconds: started.elapsed().as_secs_f64(),
@@ -326,7 +408,26 @@ impl Harness {
         let mut out = Vec::new();
         for &t in &self.plan.targets {
             match t {
-                Target::Direct => out.push(t),
+                Target::Direct | Target::DirectTls => out.push(t),
+                Target::SluiceTls => {
+                    let Some(pki) = self.pki.as_ref() else {
+                        bail!("sluice-tls needs --tls");
+                    };
+                    let path = self.plan.dir.join("sluice-tls-check.toml");
+                    std::fs::write(&path, tls::sluice_tls_config(1, 2, pki))?;
+                    match procs::check_sluice_config(&self.plan.sluice_bin, &path) {
+                        Ok(()) => out.push(t),
+                        Err(why) => {
+                            eprintln!(
+                                "e2e: skipping sluice-tls: `sluice check` rejects its config:\n{why}"
+                            );
+                            skipped.push((
+                                t.name().into(),
+                                format!("`sluice check` rejected the config: {why}"),
+                            ));
+                        }
+                    }
+                }
                 Target::Haproxy => {
                     let ok = std::process::Command::new(&self.plan.haproxy_bin)
                         .arg("-v")
@@ -375,8 +476,12 @@ impl Harness {
                 }
             }
         }
-        if !out.contains(&Target::Direct) {
-            bail!("the direct target is the baseline of every ratio; keep it in --targets");
+        let base = self.plan.baseline();
+        if !out.contains(&base) {
+            bail!(
+                "the {} target is the baseline of every ratio; keep it in --targets",
+                base.name()
+            );
         }
         Ok(out)
     }
@@ -385,10 +490,30 @@ impl Harness {
         let mut r = Running {
             haproxy: None,
             sluice: BTreeMap::new(),
+            sluice_tls: None,
+            stunnel: None,
         };
+        if let (Some(pki), true) = (&self.pki, self.plan.targets.iter().any(|t| t.is_tls())) {
+            let st = tls::start_stunnel(
+                &self.stunnel_bin,
+                &self.plan.dir,
+                &self.plan.broker,
+                pki,
+                "",
+            )?;
+            if self.plan.targets.contains(&Target::SluiceTls) {
+                r.sluice_tls = Some(tls::start_sluice_tls(
+                    &self.plan.sluice_bin,
+                    &self.plan.dir,
+                    st.addr.port(),
+                    pki,
+                )?);
+            }
+            r.stunnel = Some(st);
+        }
         for &t in &self.plan.targets {
             match t {
-                Target::Direct => {}
+                Target::Direct | Target::DirectTls | Target::SluiceTls => {}
                 Target::Haproxy => {
                     r.haproxy = Some(procs::start_haproxy(
                         &self.plan.haproxy_bin,
@@ -414,23 +539,25 @@ impl Harness {
 
     async fn phases(&mut self, running: &Running, legs: &mut Vec<Leg>) -> Result<()> {
         let plan = self.plan.clone();
+        let base = plan.baseline();
         // Calibrate: a short direct run per cell sizes the legs (and warms the broker up).
         let mut counts = BTreeMap::new();
         for &cell in &plan.cells {
             let n0 = ((20_000_000 / cell.size.max(1)) as u64).clamp(300, 20_000);
             let n0 = n0.max(cell.producers as u64 * 20);
             let l = self
-                .leg("calibrate", 0, cell, Target::Direct, running, n0, None)
+                .leg("calibrate", 0, cell, base, running, n0, None)
                 .await?;
             let n = ((l.msg_per_s * plan.leg_seconds) as u64).max(cell.producers as u64 * 20);
             eprintln!(
-                "e2e: {cell}: direct ≈ {:.0} msg/s → {n} messages per leg",
+                "e2e: {cell}: {} ≈ {:.0} msg/s → {n} messages per leg",
+                base.name(),
                 l.msg_per_s
             );
             counts.insert(cell, n);
         }
         for &t in &plan.targets {
-            if t != Target::Direct {
+            if t != base {
                 if let Some(&cell) = plan.cells.first() {
                     let n = counts[&cell] / 4;
                     self.leg("warmup", 0, cell, t, running, n, None).await?;
@@ -454,11 +581,11 @@ impl Harness {
         if let Some(cell) = plan.latency_cell {
             let direct: Vec<f64> = legs
                 .iter()
-                .filter(|l| l.cell == cell && l.target == Target::Direct)
+                .filter(|l| l.cell == cell && l.target == base)
                 .map(|l| l.msg_per_s)
                 .collect();
             let max = if direct.is_empty() {
-                self.leg("calibrate", 0, cell, Target::Direct, running, 20_000, None)
+                self.leg("calibrate", 0, cell, base, running, 20_000, None)
                     .await?
                     .msg_per_s
             } else {
@@ -506,11 +633,16 @@ impl Harness {
             .await
             .with_context(|| format!("declare {queue}"))?;
         let proc = running.proc(target);
-        let url = match proc {
-            Some(p) => p.url(),
-            None => self.plan.broker_url(),
+        let url = running.url(target, &self.plan.broker_url())?;
+        let stunnel = if target.is_tls() {
+            running.stunnel.as_ref().map(Proc::pid)
+        } else {
+            None
         };
         let mut cfg = loadgen::Config::new(&url, &queue);
+        if target.is_tls() {
+            cfg.tls_ca = self.pki.as_ref().map(|p| p.ca.clone());
+        }
         cfg.broker_url = None;
         cfg.producers = cell.producers;
         cfg.messages = messages;
@@ -531,9 +663,21 @@ impl Harness {
             })
         };
         let own = || procs::cpu_seconds(me, self.ticks).ok();
-        let before = (cpu(proc.map(Proc::pid)), cpu(self.broker_pid), own());
+        // stunnel runs a thread per connection, ended with it: tick-based totals too.
+        let tunnel = || stunnel.and_then(|p| procs::cpu_seconds(p, self.ticks).ok());
+        let before = (
+            cpu(proc.map(Proc::pid)),
+            cpu(self.broker_pid),
+            own(),
+            tunnel(),
+        );
         let s = loadgen::run(&cfg).await?;
-        let after = (cpu(proc.map(Proc::pid)), cpu(self.broker_pid), own());
+        let after = (
+            cpu(proc.map(Proc::pid)),
+            cpu(self.broker_pid),
+            own(),
+            tunnel(),
+        );
         let depth = settled_depth(admin, &queue).await?;
         let _ = admin
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -563,13 +707,14 @@ impl Harness {
             depth,
             lost: expected.saturating_sub(depth),
             proxy_cpu_us: per_msg(before.0, after.0),
+            stunnel_cpu_us: per_msg(before.3, after.3),
             broker_cpu_us: per_msg(before.1, after.1),
             loadgen_cpu_us: per_msg(before.2, after.2).unwrap_or(f64::NAN),
             errors: s.errors,
         };
         eprintln!(
             "e2e: {phase:9} r{round} {cell:24} {:14} {:>8.0} msg/s  p50 {:>6} µs  p99 {:>7} µs  \
-             proxy {:>5} µs/msg  broker {:>5} µs/msg{}{}",
+             proxy {:>5} µs/msg  broker {:>5} µs/msg{}{}{}",
             target.name(),
             leg.msg_per_s,
             leg.p50_us,
@@ -578,6 +723,8 @@ impl Harness {
                 .map_or_else(|| "-".to_string(), |c| format!("{c:.2}")),
             leg.broker_cpu_us
                 .map_or_else(|| "-".to_string(), |c| format!("{c:.1}")),
+            leg.stunnel_cpu_us
+                .map_or_else(String::new, |c| format!("  stunnel {c:.2} µs/msg")),
             if leg.lost > 0 {
                 format!("  LOST {}", leg.lost)
             } else {
@@ -641,5 +788,8 @@ mod tests {
             Ok(Target::Sluice(SluiceMode::Quotas))
         );
         assert!(Target::parse("nginx").is_err());
+        assert_eq!(Target::parse("sluice-tls"), Ok(Target::SluiceTls));
+        assert!(Target::TLS.iter().all(|t| t.is_tls()));
+        assert!(!Target::PLAIN.iter().any(|t| t.is_tls()));
     }
 }

@@ -104,12 +104,13 @@ fn spread(v: Vec<f64>) -> Option<Spread> {
     })
 }
 
-/// Per round, `f(target leg, direct leg)` for one cell, phase and target.
+/// Per round, `f(target leg, baseline leg)` for one cell, phase and target.
 fn paired(
     legs: &[Leg],
     phase: &str,
     cell: Cell,
     target: Target,
+    base: Target,
     f: impl Fn(&Leg, &Leg) -> f64,
 ) -> Vec<f64> {
     let of = |t: Target| {
@@ -117,11 +118,7 @@ fn paired(
             .filter(move |l| l.phase == phase && l.cell == cell && l.target == t)
     };
     of(target)
-        .filter_map(|l| {
-            of(Target::Direct)
-                .find(|d| d.round == l.round)
-                .map(|d| f(l, d))
-        })
+        .filter_map(|l| of(base).find(|d| d.round == l.round).map(|d| f(l, d)))
         .collect()
 }
 
@@ -141,6 +138,8 @@ fn values(
 /// The Markdown report of a run.
 pub fn markdown(r: &Results) -> String {
     let mut s = String::new();
+    let base = r.baseline;
+    let bname = base.name();
     let targets: Vec<Target> = {
         let set: BTreeSet<Target> = r.legs.iter().map(|l| l.target).collect();
         Target::ALL
@@ -148,11 +147,7 @@ pub fn markdown(r: &Results) -> String {
             .filter(|t| set.contains(t))
             .collect()
     };
-    let proxies: Vec<Target> = targets
-        .iter()
-        .copied()
-        .filter(|t| *t != Target::Direct)
-        .collect();
+    let proxies: Vec<Target> = targets.iter().copied().filter(|t| *t != base).collect();
     let cells: BTreeSet<Cell> = r
         .legs
         .iter()
@@ -162,9 +157,9 @@ pub fn markdown(r: &Results) -> String {
 
     let _ = writeln!(
         s,
-        "#### Throughput relative to direct (median of paired rounds, range in brackets)\n"
+        "#### Throughput relative to {bname} (median of paired rounds, range in brackets)\n"
     );
-    let mut head = "| P | size | confirms | direct msg/s |".to_string();
+    let mut head = format!("| P | size | confirms | {bname} msg/s |");
     let mut rule = "|---|---|---|---|".to_string();
     for t in &proxies {
         let _ = write!(head, " {} |", t.name());
@@ -172,9 +167,7 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(s, "{head}\n{rule}");
     for &cell in &cells {
-        let direct = spread(values(&r.legs, "matrix", cell, Target::Direct, |l| {
-            Some(l.msg_per_s)
-        }));
+        let direct = spread(values(&r.legs, "matrix", cell, base, |l| Some(l.msg_per_s)));
         let _ = write!(
             s,
             "| {} | {} | {} | {} |",
@@ -184,7 +177,7 @@ pub fn markdown(r: &Results) -> String {
             direct.map_or("–".into(), |d| format!("{:.0}", d.median))
         );
         for &t in &proxies {
-            let v = spread(paired(&r.legs, "matrix", cell, t, |l, d| {
+            let v = spread(paired(&r.legs, "matrix", cell, t, base, |l, d| {
                 l.msg_per_s / d.msg_per_s
             }));
             let _ = write!(
@@ -200,17 +193,29 @@ pub fn markdown(r: &Results) -> String {
     }
 
     let _ = writeln!(s, "\n#### CPU per message (µs, median over rounds)\n");
-    let mut head = "| P | size | confirms | broker (direct) |".to_string();
+    let mut head = format!("| P | size | confirms | broker ({bname}) |");
     let mut rule = "|---|---|---|---|".to_string();
     for t in &proxies {
         let _ = write!(head, " {} |", t.name());
         rule.push_str("---|");
     }
+    // With TLS, stunnel (the terminator in front of the broker) is on every TLS target's path.
+    let stunnel: Vec<Target> = targets
+        .iter()
+        .copied()
+        .filter(|&t| {
+            r.legs
+                .iter()
+                .any(|l| l.target == t && l.stunnel_cpu_us.is_some())
+        })
+        .collect();
+    for t in &stunnel {
+        let _ = write!(head, " stunnel ({}) |", t.name());
+        rule.push_str("---|");
+    }
     let _ = writeln!(s, "{head}\n{rule}");
     for &cell in &cells {
-        let b = spread(values(&r.legs, "matrix", cell, Target::Direct, |l| {
-            l.broker_cpu_us
-        }));
+        let b = spread(values(&r.legs, "matrix", cell, base, |l| l.broker_cpu_us));
         let _ = write!(
             s,
             "| {} | {} | {} | {} |",
@@ -221,6 +226,14 @@ pub fn markdown(r: &Results) -> String {
         );
         for &t in &proxies {
             let v = spread(values(&r.legs, "matrix", cell, t, |l| l.proxy_cpu_us));
+            let _ = write!(
+                s,
+                " {} |",
+                v.map_or("–".into(), |v| format!("{:.2}", v.median))
+            );
+        }
+        for &t in &stunnel {
+            let v = spread(values(&r.legs, "matrix", cell, t, |l| l.stunnel_cpu_us));
             let _ = write!(
                 s,
                 " {} |",
@@ -245,7 +258,7 @@ pub fn markdown(r: &Results) -> String {
             .unwrap_or(0.0);
         let _ = writeln!(
             s,
-            "\n#### Confirm latency at half of direct's maximum ({cell}, {rate:.0} msg/s offered)\n"
+            "\n#### Confirm latency at half of {bname}'s maximum ({cell}, {rate:.0} msg/s offered)\n"
         );
         let _ = writeln!(s, "| target | msg/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | proxy CPU µs/msg |\n|---|---|---|---|---|---|---|---|");
         for &t in &targets {
@@ -254,8 +267,10 @@ pub fn markdown(r: &Results) -> String {
                     .map_or(f64::NAN, |v| v.median)
             };
             let added = |f: fn(&Leg) -> f64| {
-                spread(paired(&r.legs, "half-load", cell, t, |l, d| f(l) - f(d)))
-                    .map_or("–".into(), |v| format!("{:+.0}", v.median))
+                spread(paired(&r.legs, "half-load", cell, t, base, |l, d| {
+                    f(l) - f(d)
+                }))
+                .map_or("–".into(), |v| format!("{:+.0}", v.median))
             };
             let cpu = spread(values(&r.legs, "half-load", cell, t, |l| l.proxy_cpu_us));
             let _ = writeln!(
@@ -266,12 +281,12 @@ pub fn markdown(r: &Results) -> String {
                 m(|l| l.p50_us as f64),
                 m(|l| l.p99_us as f64),
                 m(|l| l.p999_us as f64),
-                if t == Target::Direct {
+                if t == base {
                     "–".into()
                 } else {
                     added(|l| l.p50_us as f64)
                 },
-                if t == Target::Direct {
+                if t == base {
                     "–".into()
                 } else {
                     added(|l| l.p99_us as f64)

@@ -14,9 +14,11 @@ pub use summary::{Latency, Summary};
 
 use anyhow::{bail, Context, Result};
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -97,6 +99,8 @@ pub struct Config {
     pub progress: bool,
     /// Give up on a run after this long.
     pub timeout: Duration,
+    /// A CA certificate (PEM file) to trust for `amqps://` URLs, besides the system roots.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Config {
@@ -120,6 +124,7 @@ impl Config {
             mandatory: false,
             progress: false,
             timeout: Duration::from_secs(600),
+            tls_ca: None,
         }
     }
 
@@ -140,10 +145,35 @@ impl Config {
 
 /// Connect with a `connection_name`.
 pub async fn connect(url: &str, name: &str) -> Result<Connection> {
+    connect_tls(url, name, None).await
+}
+
+/// Connect with a `connection_name`; for `amqps://` URLs, `ca_pem` (PEM text) is trusted as
+/// well as the system roots.
+pub async fn connect_tls(url: &str, name: &str, ca_pem: Option<&str>) -> Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props)
-        .await
-        .with_context(|| format!("connect to {url} as {name}"))
+    let conn = match ca_pem {
+        None => Connection::connect(url, props).await,
+        Some(pem) => {
+            let tls = OwnedTLSConfig {
+                identity: None,
+                cert_chain: Some(pem.to_string()),
+            };
+            let rt = lapin::runtime::default_runtime().context("lapin runtime")?;
+            Connection::connect_with_config(url, props, tls, rt).await
+        }
+    };
+    conn.with_context(|| format!("connect to {url} as {name}"))
+}
+
+/// The PEM text of a CA file, checked to hold a certificate.
+pub fn read_ca(path: &Path) -> Result<String> {
+    let pem = std::fs::read_to_string(path)
+        .with_context(|| format!("read the CA certificate {}", path.display()))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        bail!("{} holds no PEM certificate", path.display());
+    }
+    Ok(pem)
 }
 
 /// Run the load and summarize it. Producers that fail stop early; their errors are in the
@@ -153,11 +183,16 @@ pub async fn run(cfg: &Config) -> Result<Summary> {
         bail!("--producers must be at least 1");
     }
     let kind = Arc::new(cfg.message_kind());
+    let ca: Option<Arc<str>> = match &cfg.tls_ca {
+        Some(p) => Some(read_ca(p)?.into()),
+        None => None,
+    };
     let mut conns = Vec::with_capacity(cfg.producers);
     let mut connecting = tokio::task::JoinSet::new();
     for i in 0..cfg.producers {
         let (url, name) = (cfg.url.clone(), format!("{}-{i}", cfg.name_prefix));
-        connecting.spawn(async move { (i, connect(&url, &name).await) });
+        let ca = ca.clone();
+        connecting.spawn(async move { (i, connect_tls(&url, &name, ca.as_deref()).await) });
     }
     while let Some(r) = connecting.join_next().await {
         let (i, conn) = r.context("connect task")?;
