@@ -596,3 +596,43 @@ async fn a_reload_changes_the_quota_of_an_open_redis_connection() -> Result<()> 
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
+
+#[tokio::test]
+async fn a_shed_reply_between_a_small_and_a_streamed_large_reply_stays_between_them() -> Result<()>
+{
+    let name = unique("redis-order");
+    let (small, big, q) = (
+        format!("{name}.small"),
+        format!("{name}.big"),
+        format!("{name}.q"),
+    );
+    let _keys = Keys(vec![small.clone(), big.clone(), q.clone()]);
+    let value: Vec<u8> = (0..3_000_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut d = direct().await?;
+    let _: () = d.set(&small, "s").await?;
+    let _: () = d.set(&big, &value).await?;
+    let s = RedisSluice::start(&shed_quota(&name, 1)).await?;
+    let mut c = Raw::connect(s.addr).await?;
+    c.send(&cmd(&[b"CLIENT", b"SETNAME", name.as_bytes()]))
+        .await?;
+    c.expect(b"+OK\r\n").await?;
+    c.send(&cmd(&[b"LPUSH", q.as_bytes(), b"first"])).await?;
+    c.expect(b":1\r\n").await?;
+    // The small reply and the start of the large one arrive in the same read from Redis; the
+    // shed reply owed in between must not slip behind the large reply's first bytes.
+    for _ in 0..5 {
+        let mut p = Vec::new();
+        p.extend(cmd(&[b"GET", small.as_bytes()]));
+        p.extend(cmd(&[b"LPUSH", q.as_bytes(), b"x"]));
+        p.extend(cmd(&[b"GET", big.as_bytes()]));
+        p.extend(cmd(&[b"PING"]));
+        c.send(&p).await?;
+        let mut want = b"$1\r\ns\r\n-SLUICE shed: too fast\r\n".to_vec();
+        want.extend_from_slice(format!("${}\r\n", value.len()).as_bytes());
+        want.extend_from_slice(&value);
+        want.extend_from_slice(b"\r\n+PONG\r\n");
+        c.expect(&want).await?;
+    }
+    s.stop().await;
+    Ok(())
+}

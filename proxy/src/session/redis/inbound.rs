@@ -81,6 +81,8 @@ pub(super) struct Inbound {
     raw: bool,
     tx: Option<Transaction>,
     holding: bool,
+    /// Slots of commands queued in `out`, handed to the reply queue before `out` is written.
+    slots: Vec<Slot>,
 }
 
 impl Inbound {
@@ -115,6 +117,7 @@ impl Inbound {
             raw: false,
             tx: None,
             holding: false,
+            slots: Vec::new(),
         }
     }
 
@@ -157,6 +160,7 @@ impl Inbound {
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
+        self.shared.push_all(&mut self.slots);
         if !self.out.is_empty() {
             self.out.flush(&mut self.upstream).await?;
         }
@@ -347,19 +351,19 @@ impl Inbound {
     /// The command just forwarded is owed the server's reply.
     fn expect_reply(&mut self) {
         if !self.raw {
-            self.shared.push(Slot::Upstream);
+            self.slots.push(Slot::Upstream);
         }
     }
 
     fn reply_local(&mut self, reply: Bytes) {
         if !self.raw {
-            self.shared.push(Slot::Local(reply));
+            self.slots.push(Slot::Local(reply));
         }
     }
 
     fn go_raw(&mut self) {
         if !self.raw {
-            self.shared.push(Slot::Raw);
+            self.slots.push(Slot::Raw);
             self.raw = true;
         }
     }
@@ -381,7 +385,7 @@ impl Inbound {
                 self.tx = None;
                 // Redis forgets WATCHed keys on DISCARD; the server never saw the MULTI.
                 self.forward(&encode_command([&b"UNWATCH"[..]]));
-                self.shared.push(Slot::Swallow);
+                self.slots.push(Slot::Swallow);
                 self.reply_local(simple_reply("OK"));
                 Ok(None)
             }
@@ -432,7 +436,7 @@ impl Inbound {
     ) -> std::io::Result<Option<Stop>> {
         if tx.aborted {
             self.forward(&encode_command([&b"UNWATCH"[..]]));
-            self.shared.push(Slot::Swallow);
+            self.slots.push(Slot::Swallow);
             self.reply_local(error_reply(
                 "EXECABORT Transaction discarded because of previous errors.",
             ));
@@ -468,14 +472,14 @@ impl Inbound {
         if let Some((reason, _)) = shed {
             trace!(%reason, "transaction shed");
             self.forward(&encode_command([&b"UNWATCH"[..]]));
-            self.shared.push(Slot::Swallow);
+            self.slots.push(Slot::Swallow);
             self.reply_local(error_reply(&format!("SLUICE shed: {reason}")));
             return Ok(None);
         }
         if let Some(m) = &tx.multi {
             self.forward(&m.raw);
         }
-        self.shared.push(Slot::Swallow);
+        self.slots.push(Slot::Swallow);
         for (i, cmd) in tx.commands.iter().enumerate() {
             match outcomes.iter().find(|(j, _)| *j == i).map(|(_, o)| o) {
                 Some(Outcome::Divert(key)) => {
@@ -484,7 +488,7 @@ impl Inbound {
                 }
                 _ => self.forward(&cmd.raw),
             }
-            self.shared.push(Slot::Swallow);
+            self.slots.push(Slot::Swallow);
         }
         self.forward(&exec.raw);
         self.expect_reply();

@@ -77,15 +77,23 @@ struct Shared {
 }
 
 impl Shared {
-    fn push(&self, slot: Slot) {
+    /// Queue the slots of the commands about to be written upstream (before they are written,
+    /// so no reply can arrive ahead of its slot), under one lock.
+    fn push_all(&self, slots: &mut Vec<Slot>) {
+        if slots.is_empty() {
+            return;
+        }
         let mut r = self.replies.lock();
         // Only a reply that can go out now needs the pump woken.
-        let wake = r.waiting == 0 && matches!(slot, Slot::Local(_) | Slot::Raw);
-        match &slot {
-            Slot::Local(b) => r.local_bytes += b.len(),
-            _ => r.waiting += 1,
+        let mut wake = false;
+        for slot in slots.drain(..) {
+            wake |= r.waiting == 0 && matches!(slot, Slot::Local(_) | Slot::Raw);
+            match &slot {
+                Slot::Local(b) => r.local_bytes += b.len(),
+                _ => r.waiting += 1,
+            }
+            r.slots.push_back(slot);
         }
-        r.slots.push_back(slot);
         drop(r);
         if wake {
             self.wake.notify_one();
@@ -253,20 +261,14 @@ impl Outbound {
         }
     }
 
-    /// Move `Local` replies (and a `Raw` switch) at the front of the queue to the client.
+    /// Move `Local` replies (and a `Raw` switch) at the front of the queue to the client, unless
+    /// a reply is partly forwarded (they go out when it ends).
     fn take_locals(&mut self) {
         if self.scanner.mid_reply() {
-            // Never inside a reply that is partly forwarded.
             return;
         }
         let mut r = self.shared.replies.lock();
-        while matches!(r.slots.front(), Some(Slot::Local(_) | Slot::Raw)) {
-            match r.pop_front() {
-                Some(Slot::Local(b)) => self.out.push(&b),
-                Some(Slot::Raw) => self.raw = true,
-                _ => break,
-            }
-        }
+        drain_locals(&mut r, &mut self.out, &mut self.raw);
     }
 
     fn on_upstream_bytes(&mut self) {
@@ -282,48 +284,54 @@ impl Outbound {
                 return;
             }
         };
+        // One lock for the whole read: every reply that ended in it is paired with its slot.
+        let mut r = self.shared.replies.lock();
         let mut taken = 0;
         for (end, push) in scan.ends {
             let reply = self.buf.split_to(end - taken).freeze();
             taken = end;
-            if self.raw || push || self.front_is_upstream() {
+            if self.raw || push {
                 self.out.push(&reply);
+            } else {
+                match r.slots.front() {
+                    Some(Slot::Swallow) => {
+                        r.pop_front();
+                    }
+                    Some(Slot::Upstream) => {
+                        r.pop_front();
+                        self.out.push(&reply);
+                    }
+                    // Local and Raw slots were drained at the previous reply boundary, so this
+                    // is a reply nothing asked for (a server-initiated error before closing).
+                    _ => {
+                        info!("reply from the server with no command waiting for it");
+                        self.out.push(&reply);
+                    }
+                }
             }
-            if !self.raw && !push {
-                self.pop_upstream();
-            }
-            self.take_locals();
+            // A reply boundary: sluice's own replies that come next go out now, in place.
+            drain_locals(&mut r, &mut self.out, &mut self.raw);
         }
         // A reply still arriving: stream what is here if it goes to the client.
         if scan.consumed > taken {
             let part = self.buf.split_to(scan.consumed - taken).freeze();
-            if self.raw || self.scanner.in_push() || self.front_is_upstream() {
+            let swallowed = !self.raw
+                && !self.scanner.in_push()
+                && matches!(r.slots.front(), Some(Slot::Swallow));
+            if !swallowed {
                 self.out.push(&part);
             }
         }
     }
+}
 
-    fn front_is_upstream(&self) -> bool {
-        !matches!(
-            self.shared.replies.lock().slots.front(),
-            Some(Slot::Swallow)
-        )
-    }
-
-    fn pop_upstream(&mut self) {
-        let mut r = self.shared.replies.lock();
-        match r.slots.front() {
-            Some(Slot::Upstream | Slot::Swallow) => {
-                r.pop_front();
-            }
-            Some(Slot::Raw) => {
-                r.pop_front();
-                self.raw = true;
-            }
-            // A reply nothing asked for (a server-initiated error before closing, say).
-            Some(Slot::Local(_)) | None => {
-                info!("reply from the server with no command waiting for it");
-            }
+/// Pop the `Local` replies and `Raw` switches at the front of the queue into `out`.
+fn drain_locals(r: &mut Replies, out: &mut OutQueue, raw: &mut bool) {
+    while matches!(r.slots.front(), Some(Slot::Local(_) | Slot::Raw)) {
+        match r.pop_front() {
+            Some(Slot::Local(b)) => out.push(&b),
+            Some(Slot::Raw) => *raw = true,
+            _ => break,
         }
     }
 }
