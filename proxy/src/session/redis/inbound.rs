@@ -208,9 +208,10 @@ impl Inbound {
     }
 
     async fn process_buffered(&mut self) -> std::io::Result<Option<Stop>> {
+        // The config in force for this read batch (a reload applies from the next one).
+        let active = self.rt.active();
+        let limits = self.command_limits(&active);
         loop {
-            let active = self.rt.active();
-            let limits = self.command_limits(&active);
             let cmd = match self.splitter.split(&mut self.buf, &limits) {
                 Ok(Some(c)) => c,
                 Ok(None) => return Ok(None),
@@ -502,6 +503,22 @@ impl Inbound {
         kind: PublishKind,
         active: &Active,
     ) -> std::io::Result<Option<Stop>> {
+        let identity = self.conn_identity(active);
+        if active.chain.is_empty() && identity.message_sources.is_empty() {
+            // Nothing to decide: count and forward.
+            if let Some(stats) = &self.producer {
+                let values = match kind {
+                    PublishKind::Push => cmd.args.get(2..).unwrap_or_default(),
+                    PublishKind::Publish => cmd.args.get(2..3).unwrap_or_default(),
+                };
+                for v in values {
+                    stats.record(VerdictKind::Forward, v.len() as u64);
+                }
+            }
+            self.forward(&cmd.raw);
+            self.expect_reply();
+            return Ok(None);
+        }
         let Some(decisions) = self.decide(&cmd, kind, active).await else {
             // Shutting down while held: a whole command already read still goes through.
             self.forward(&cmd.raw);
