@@ -496,3 +496,96 @@ async fn unconfirmed_shed_closes_the_channel_with_406_in_close_channel_mode() ->
     s.stop().await;
     Ok(())
 }
+
+/// Sample `conn.status().blocked()` every 20 ms until `done` is set; returns whether it was
+/// ever seen blocked and whether it was unblocked again after that.
+fn watch_blocked(
+    conn: &lapin::Connection,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(bool, bool)> {
+    let status = conn.status().clone();
+    tokio::spawn(async move {
+        let (mut seen, mut cleared) = (false, false);
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            if status.blocked() {
+                seen = true;
+            } else if seen {
+                cleared = true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (seen, cleared)
+    })
+}
+
+#[tokio::test]
+async fn a_publish_held_past_blocked_after_blocks_the_client_but_steady_pacing_does_not(
+) -> Result<()> {
+    let s = Sluice::start(
+        r#"
+[amqp]
+blocked_after = "1s"
+
+[[quota]]
+name = "stuck"
+match = { producer = "stuck-*" }
+messages = "1/4s"
+burst = 1
+on_exceed = { delay = "20s", then = "shed" }
+
+[[quota]]
+name = "paced"
+match = { producer = "paced-*" }
+messages = "100/s"
+burst = 5
+on_exceed = { delay = "5s", then = "shed" }
+"#,
+    )
+    .await?;
+    let broker = Broker::connect().await?;
+    let (q1, q2) = (unique("stuck"), unique("paced"));
+    let _g = Queues::new([q1.clone(), q2.clone()]);
+    broker.queue(&q1).await?;
+    broker.queue(&q2).await?;
+
+    // One publish waits ~4 s: past 1 s the client is told connection.blocked, then unblocked.
+    let conn = connect(&s.url, "stuck-producer").await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch_blocked(&conn, done.clone());
+    let (acked, _, _) = flood(&ch, &q1, 2, false).await?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (seen, cleared) = watcher.await?;
+    ensure!(acked.len() == 2, "both publishes confirmed: {acked:?}");
+    ensure!(seen, "a publish held ~4 s never blocked the client");
+    ensure!(cleared, "the client was not unblocked after the hold");
+    conn.close(200, "bye".into()).await?;
+
+    // 400 publishes paced at 100/s for ~4 s, each waiting ~10 ms: flowing, never blocked.
+    let conn = connect(&s.url, "paced-producer").await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch_blocked(&conn, done.clone());
+    let started = Instant::now();
+    let (acked, nacked, _) = flood(&ch, &q2, 400, false).await?;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (seen, _) = watcher.await?;
+    ensure!(
+        acked.len() == 400 && nacked.is_empty(),
+        "all paced publishes confirmed"
+    );
+    ensure!(
+        started.elapsed() >= Duration::from_secs(3),
+        "400 publishes at 100/s were not paced"
+    );
+    ensure!(
+        !seen,
+        "a producer paced at its quota was blocked (stop-and-go below the quota)"
+    );
+    conn.close(200, "bye".into()).await?;
+    s.stop().await;
+    Ok(())
+}

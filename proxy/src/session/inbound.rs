@@ -87,7 +87,6 @@ pub(super) struct Inbound {
     assembling: HashMap<u16, Pending>,
     channels: HashMap<u16, LocalChannel>,
     buffered: u64,
-    hold_started: Option<Instant>,
     holding: bool,
     blocked_sent: bool,
 }
@@ -174,7 +173,6 @@ impl Inbound {
             assembling: HashMap::new(),
             channels: HashMap::new(),
             buffered: 0,
-            hold_started: None,
             holding: false,
             blocked_sent: false,
         }
@@ -610,7 +608,7 @@ impl Inbound {
             match active.chain.evaluate(&view, &mut st) {
                 Step::Done(d) => break d,
                 Step::Wait(d) => {
-                    if self.hold(d, &active).await? {
+                    if self.hold(d, st.held(), &active).await? {
                         // Shutting down: whole publishes already read go through.
                         break crate::policy::Decision {
                             verdict: Verdict::Forward,
@@ -791,21 +789,28 @@ impl Inbound {
         self.out.push(&up.raw);
     }
 
-    /// Hold this connection's reads for `d`, keeping the upstream's heartbeat alive. Returns
-    /// `true` if interrupted by shutdown or the end of the connection.
-    async fn hold(&mut self, d: Duration, active: &Active) -> Result<bool, SessionError> {
+    /// Hold this connection's reads for `d`, keeping the upstream's heartbeat alive. `held` is
+    /// how long this publish will have waited in all once `d` is over: a client that supports it
+    /// is told `connection.blocked` when one publish waits past `blocked_after`. A producer paced
+    /// at its quota (every publish waiting a little) is not blocked: it flows at that rate, and
+    /// blocking it would turn pacing into stop-and-go below the quota. Returns `true` if
+    /// interrupted by shutdown or the end of the connection.
+    async fn hold(
+        &mut self,
+        d: Duration,
+        held: Duration,
+        active: &Active,
+    ) -> Result<bool, SessionError> {
         self.flush().await?;
-        let now = Instant::now();
-        let started = *self.hold_started.get_or_insert(now);
         if !self.holding {
             self.holding = true;
             if let Some(p) = &self.producer {
                 p.held.fetch_add(1, Relaxed);
             }
         }
-        let deadline = now + d;
+        let deadline = Instant::now() + d;
         if !self.blocked_sent
-            && deadline.duration_since(started) >= active.config.amqp.blocked_after
+            && held >= active.config.amqp.blocked_after
             && self.shared.lock().client_blocked_capable
         {
             self.blocked_sent = true;
@@ -832,7 +837,6 @@ impl Inbound {
 
     /// The connection is no longer held.
     fn end_hold(&mut self) {
-        self.hold_started = None;
         if self.holding {
             self.holding = false;
             if let Some(p) = &self.producer {
