@@ -6,6 +6,18 @@
 //!   at content boundaries, tracks `connection.blocked`.
 //!
 //! They share a small [`Shared`] state behind a mutex (uncontended: one lock per confirm).
+//!
+//! Every byte these modules handle comes from a client or a broker, so panicking constructs are
+//! denied here as in the protocol modules: a bad frame must end in an AMQP close, never a panic.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
 
 pub mod channel;
 pub mod connection;
