@@ -100,6 +100,157 @@ impl Active {
     }
 }
 
+/// Bytes buffered over all connections: unfinished publishes (counted from the moment their
+/// content header is admitted, for the whole declared body) and frames sluice injected that
+/// the outbound pumps have not taken yet. Bounded by `[limits] max_buffered_total`: a publish
+/// whose content does not fit waits before its body is read (the connection's reads pause),
+/// until other connections free enough.
+#[derive(Debug, Default)]
+pub struct BufferBudget {
+    used: AtomicU64,
+    /// Bytes held by connections that are waiting for room themselves.
+    waiting: AtomicU64,
+    waiters: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl BufferBudget {
+    /// Bytes buffered now (the `sluice_buffered_bytes` gauge).
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Count bytes that are buffered whatever the limit (they are already in memory).
+    pub fn add(&self, n: u64) {
+        if n > 0 {
+            self.used.fetch_add(n, Ordering::AcqRel);
+        }
+    }
+
+    /// Bytes no longer buffered; wakes connections waiting for room.
+    pub fn release(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            });
+        if self.waiters.load(Ordering::Acquire) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Take `n` bytes if they fit under `max`.
+    pub fn try_take(&self, n: u64, max: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u.saturating_add(n) <= max).then(|| u.saturating_add(n))
+            })
+            .is_ok()
+    }
+
+    /// Start waiting for room while holding `held` bytes already (earlier frames of this
+    /// connection's unfinished publishes).
+    pub fn wait(&self, held: u64) -> BudgetWait<'_> {
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        self.waiting.fetch_add(held, Ordering::AcqRel);
+        BudgetWait { budget: self, held }
+    }
+}
+
+/// A connection waiting for room in the [`BufferBudget`]; stops counting as waiting on drop.
+pub struct BudgetWait<'a> {
+    budget: &'a BufferBudget,
+    held: u64,
+}
+
+impl BudgetWait<'_> {
+    /// Take `n` bytes if they fit under `max`, or if every byte in use belongs to connections
+    /// that are waiting too: none of them can finish a publish to free anything, so one goes
+    /// ahead instead of all waiting forever (e.g. publishes interleaved on several channels of
+    /// each connection, or one message larger than the whole limit).
+    pub fn try_take(&self, n: u64, max: u64) -> bool {
+        if self.budget.try_take(n, max) {
+            return true;
+        }
+        let waiting = self.budget.waiting.load(Ordering::Acquire);
+        if self.budget.used.load(Ordering::Acquire) <= waiting {
+            self.budget.add(n);
+            return true;
+        }
+        false
+    }
+
+    /// Resolves when bytes are released. Create it (and `enable` it) before [`Self::try_take`]
+    /// so a release in between is not missed.
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.budget.freed.notified()
+    }
+}
+
+impl Drop for BudgetWait<'_> {
+    fn drop(&mut self) {
+        self.budget.waiters.fetch_sub(1, Ordering::AcqRel);
+        let _ = self
+            .budget
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                Some(w.saturating_sub(self.held))
+            });
+    }
+}
+
+/// Bytes one connection holds in the [`BufferBudget`], given back when it is dropped (however
+/// the connection ends).
+#[derive(Debug)]
+pub struct BudgetShare {
+    budget: Arc<BufferBudget>,
+    held: u64,
+}
+
+impl BudgetShare {
+    /// A share holding nothing yet.
+    pub fn new(budget: Arc<BufferBudget>) -> Self {
+        BudgetShare { budget, held: 0 }
+    }
+
+    /// The budget this share is part of.
+    pub fn budget(&self) -> &Arc<BufferBudget> {
+        &self.budget
+    }
+
+    /// Bytes held.
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// Count bytes whatever the limit.
+    pub fn add(&mut self, n: u64) {
+        self.budget.add(n);
+        self.held = self.held.saturating_add(n);
+    }
+
+    /// Record bytes the caller took from the budget itself (after waiting for room).
+    pub fn taken(&mut self, n: u64) {
+        self.held = self.held.saturating_add(n);
+    }
+
+    /// Give bytes back.
+    pub fn release(&mut self, n: u64) {
+        let n = n.min(self.held);
+        self.held -= n;
+        self.budget.release(n);
+    }
+}
+
+impl Drop for BudgetShare {
+    fn drop(&mut self) {
+        self.budget.release(self.held);
+    }
+}
+
 /// Shared by every task of the process.
 pub struct Runtime {
     active: ArcSwap<Active>,
@@ -113,6 +264,8 @@ pub struct Runtime {
     pub connections: AtomicUsize,
     /// Open client connections per producer.
     pub per_producer: DashMap<Arc<str>, usize>,
+    /// Bytes buffered over all connections, bounded by `[limits] max_buffered_total`.
+    pub buffered: Arc<BufferBudget>,
     /// The last `connection.start` each listener's upstream sent, replayed to new clients so the
     /// tarpit and limits act before any upstream connection is opened.
     pub start_cache: DashMap<Arc<str>, Bytes>,
@@ -145,6 +298,7 @@ impl Runtime {
             shutdown: CancellationToken::new(),
             connections: AtomicUsize::new(0),
             per_producer: DashMap::new(),
+            buffered: Arc::default(),
             start_cache: DashMap::new(),
             upstream_ready: DashMap::new(),
             divert_targets: Default::default(),
@@ -326,5 +480,74 @@ impl PluginHost {
                 problems,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn takes_only_what_fits_and_releases_on_drop() {
+        let b = Arc::new(BufferBudget::default());
+        let mut a = BudgetShare::new(b.clone());
+        assert!(b.try_take(60, 100));
+        a.taken(60);
+        assert!(!b.try_take(50, 100), "60 + 50 is over 100");
+        assert!(b.try_take(40, 100));
+        b.release(40);
+        a.add(10);
+        assert_eq!(b.used(), 70);
+        drop(a);
+        assert_eq!(b.used(), 0, "a dropped share gives back all it held");
+    }
+
+    #[test]
+    fn a_waiter_goes_ahead_only_when_every_byte_in_use_is_held_by_waiters() {
+        let b = BufferBudget::default();
+        // Connection A holds 60 (a publish admitted, its body still coming); B holds 30.
+        assert!(b.try_take(60, 100));
+        assert!(b.try_take(30, 100));
+        // A needs 50 more for a publish interleaved on another channel: it waits, as B is not
+        // waiting and may finish and free its 30.
+        let wait_a = b.wait(60);
+        assert!(!wait_a.try_take(50, 100));
+        // B now waits for room too, behind A: nobody could ever free anything, so one goes.
+        let wait_b = b.wait(30);
+        assert!(wait_b.try_take(50, 100) || wait_a.try_take(50, 100));
+        assert_eq!(b.used(), 140);
+        drop(wait_b);
+        // With B no longer waiting (it went ahead and will finish), A waits again.
+        assert!(!wait_a.try_take(50, 100));
+        drop(wait_a);
+        b.release(140);
+        assert_eq!(b.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_release_wakes_a_waiter() {
+        let b = Arc::new(BufferBudget::default());
+        assert!(b.try_take(90, 100));
+        let b2 = b.clone();
+        let waiter = tokio::spawn(async move {
+            let w = b2.wait(0);
+            loop {
+                let freed = w.freed();
+                tokio::pin!(freed);
+                freed.as_mut().enable();
+                if w.try_take(50, 100) {
+                    return;
+                }
+                freed.await;
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        b.release(90);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("a release did not wake the waiter")
+            .expect("waiter panicked");
+        assert_eq!(b.used(), 50);
     }
 }

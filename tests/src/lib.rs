@@ -554,6 +554,8 @@ pub struct RawAmqp {
     buf: Vec<u8>,
     /// `frame_max` the server proposed in `connection.tune`.
     pub frame_max: u32,
+    /// `channel_max` the server proposed in `connection.tune`.
+    pub channel_max: u16,
 }
 
 impl RawAmqp {
@@ -570,6 +572,7 @@ impl RawAmqp {
             sock,
             buf: Vec::with_capacity(8192),
             frame_max: 0,
+            channel_max: 0,
         })
     }
 
@@ -726,9 +729,9 @@ impl RawAmqp {
         );
         let p = &tune.payload;
         anyhow::ensure!(p.len() >= 12, "short connection.tune");
-        let channel_max = u16::from_be_bytes([p[4], p[5]]);
+        self.channel_max = u16::from_be_bytes([p[4], p[5]]);
         self.frame_max = u32::from_be_bytes([p[6], p[7], p[8], p[9]]);
-        self.send(&wire::tune_ok(channel_max, self.frame_max, 0))
+        self.send(&wire::tune_ok(self.channel_max, self.frame_max, 0))
             .await?;
         self.send(&wire::open()).await?;
         let ok = self.next_method(within).await?;

@@ -843,17 +843,62 @@ async fn max_connections_per_producer_refuses_with_530_naming_the_producer() -> 
 }
 
 #[tokio::test]
-async fn max_channels_closes_the_connection_with_a_clear_error() -> Result<()> {
+async fn max_channels_is_passed_on_in_tune_and_a_channel_past_it_closes_with_530() -> Result<()> {
     let s = Sluice::start("[limits]\nmax_channels = 3\n").await?;
     let bystander = Bystander::start(&s.url).await?;
+    // A well-behaved client learns the limit from connection.tune and refuses by itself.
+    let conn = sluice_tests::connect(&s.url, &unique("channels-lapin")).await?;
+    let mut channels = Vec::new();
+    let refusal = loop {
+        match conn.create_channel().await {
+            Ok(ch) => channels.push(ch),
+            Err(e) => break e,
+        }
+        ensure!(
+            channels.len() <= 3,
+            "lapin opened {} channels: it was not told max_channels = 3",
+            channels.len()
+        );
+    };
+    ensure!(
+        matches!(refusal.kind(), lapin::ErrorKind::ChannelsLimitReached),
+        "expected lapin's own channel limit error, got: {refusal}"
+    );
+    ensure!(
+        conn.status().connected(),
+        "connection closed by the refusal"
+    );
+    let first = channels.first().context("no channel opened at all")?;
+    first
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .context("the channels within the limit stopped working")?;
+    conn.close(200, "bye".into()).await?;
+
+    // A client that ignores it gets the connection closed with 530, as RabbitMQ does.
     let name = unique("channels");
     let mut c = RawAmqp::open(addr(&s)?, &name).await?;
+    ensure!(
+        c.channel_max == 3,
+        "connection.tune offered channel_max {}, not max_channels = 3",
+        c.channel_max
+    );
     for ch in 1..=3 {
         c.open_channel(ch).await?;
     }
     c.send(&wire::channel_open(4)).await?;
-    let text = expect_closed_with(&mut c, 506, "fourth channel").await?;
-    ensure!(text.contains("channel limit of 3"), "reason: {text}");
+    let text = expect_closed_with(&mut c, 530, "fourth channel").await?;
+    ensure!(
+        text.contains("NOT_ALLOWED") && text.contains("channel_max (3)"),
+        "reason: {text}"
+    );
     assert_upstream_closed_cleanly(&name).await?;
     ensure!(
         metric(&s, "sluice_limit_hits_total", &["limit=\"max_channels\""]).await? >= 1.0,
@@ -865,15 +910,55 @@ async fn max_channels_closes_the_connection_with_a_clear_error() -> Result<()> {
 }
 
 #[tokio::test]
-async fn message_over_max_message_size_closes_with_506_and_is_not_published() -> Result<()> {
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+async fn message_over_max_message_size_closes_its_channel_with_406_and_the_rest_carries_on(
+) -> Result<()> {
+    use futures_lite::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
     let s = Sluice::start("[limits]\nmax_message_size = \"64KiB\"\n").await?;
     let bystander = Bystander::start(&s.url).await?;
     let broker = Broker::connect().await?;
     let q = unique("too-big");
-    let _g = Queues::new([q.clone()]);
+    let other_q = unique("too-big-other");
+    let _g = Queues::new([q.clone(), other_q.clone()]);
     broker.queue(&q).await?;
+    broker.queue(&other_q).await?;
     let conn = sluice_tests::connect(&s.url, &unique("big-pub")).await?;
+    // The same connection also has a consumer and a confirmed publisher on other channels.
+    let other = conn.create_channel().await?;
+    other
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut consumer = other
+        .basic_consume(
+            other_q.as_str().into(),
+            "big-pub-consumer".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    let publish_other = |i: u32| {
+        let other = other.clone();
+        let other_q = other_q.clone();
+        async move {
+            let c = other
+                .basic_publish(
+                    "".into(),
+                    other_q.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &i.to_be_bytes(),
+                    lapin::BasicProperties::default(),
+                )
+                .await?
+                .await?;
+            ensure!(c.is_ack(), "publish {i} on the other channel was nacked");
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    publish_other(1).await?;
+
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let ok = ch
@@ -903,20 +988,55 @@ async fn message_over_max_message_size_closes_with_506_and_is_not_published() ->
             .context("no answer to an oversized publish")?
             .map(|_| ()),
     };
-    ensure!(outcome.is_err(), "an oversized publish was accepted");
-    let deadline = Instant::now() + WAIT;
-    while conn.status().connected() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    ensure!(!conn.status().connected(), "connection left open");
-    let text = format!("{:?}", outcome.err());
+    let err = outcome.err().context("an oversized publish was accepted")?;
+    let text = format!("{err}");
+    // RabbitMQ's own words for its max_message_size (clients match on them), then sluice's key.
     ensure!(
-        text.contains("max_message_size") || text.contains("506") || text.contains("RESOURCE"),
+        text.contains("larger than configured max size") && text.contains("max_message_size"),
         "unclear error: {text}"
     );
     ensure!(
-        broker.settled_depth(&q).await? == 1,
-        "expected only the small message"
+        matches!(
+            err.kind(),
+            lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406
+        ),
+        "expected a 406 channel close, got: {err:?}"
+    );
+    let deadline = Instant::now() + WAIT;
+    while ch.status().connected() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ensure!(!ch.status().connected(), "the channel was left open");
+    // Only that channel: the connection, its consumer and its other publisher carry on.
+    ensure!(
+        conn.status().connected(),
+        "the connection was closed, not the channel"
+    );
+    for i in 2..=5 {
+        publish_other(i).await?;
+    }
+    let mut got = 0;
+    while got < 5 {
+        tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .context("the consumer on the same connection stalled")?
+            .context("consumer ended")??;
+        got += 1;
+    }
+    let again = conn.create_channel().await?;
+    again
+        .basic_publish(
+            "".into(),
+            q.as_str().into(),
+            BasicPublishOptions::default(),
+            b"after",
+            lapin::BasicProperties::default(),
+        )
+        .await?;
+    again.close(200, "bye".into()).await?;
+    ensure!(
+        broker.settled_depth(&q).await? == 2,
+        "expected the small message and the one after the close, not the oversized one"
     );
     ensure!(
         metric(
@@ -928,6 +1048,7 @@ async fn message_over_max_message_size_closes_with_506_and_is_not_published() ->
             >= 1.0,
         "not counted in sluice_limit_hits_total"
     );
+    conn.close(200, "bye".into()).await?;
     bystander.finish().await?;
     s.stop().await;
     Ok(())

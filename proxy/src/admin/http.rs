@@ -131,6 +131,13 @@ fn metrics(rt: &Runtime) -> String {
          sluice_config_last_reload_successful {}",
         u8::from(rt.last_error.lock().is_none())
     );
+    let _ = writeln!(
+        text,
+        "# HELP sluice_buffered_bytes Bytes of unfinished publishes and of answers not yet sent to clients, over all connections (bounded by [limits] max_buffered_total).\n\
+         # TYPE sluice_buffered_bytes gauge\n\
+         sluice_buffered_bytes {}",
+        rt.buffered.used()
+    );
     let active = rt.active();
     let stages = active.chain.policies();
     if !stages.is_empty() {

@@ -116,12 +116,16 @@ pub enum Limit {
     MaxConnections,
     /// `max_connections_per_producer`: a connection refused with 530.
     MaxConnectionsPerProducer,
-    /// `max_channels`: a connection closed with 506.
+    /// `max_channels`: a connection closed with 530 for a `channel.open` past the
+    /// `channel_max` sluice told the client.
     MaxChannels,
-    /// `max_message_size`: a connection closed with 506.
+    /// `max_message_size`: a channel closed with 406.
     MaxMessageSize,
     /// `max_buffered_per_connection`: a connection closed with 506.
     MaxBufferedPerConnection,
+    /// `max_buffered_total`: a publish that had to wait for room (its connection's reads
+    /// paused), counted once per wait.
+    MaxBufferedTotal,
     /// A frame over the frame size in force: a connection closed with 501.
     MaxFrameSize,
     /// `handshake_timeout`: a connection closed before it was open.
@@ -130,12 +134,13 @@ pub enum Limit {
 
 impl Limit {
     /// Every limit, in label order.
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 8] = [
         Limit::MaxConnections,
         Limit::MaxConnectionsPerProducer,
         Limit::MaxChannels,
         Limit::MaxMessageSize,
         Limit::MaxBufferedPerConnection,
+        Limit::MaxBufferedTotal,
         Limit::MaxFrameSize,
         Limit::HandshakeTimeout,
     ];
@@ -148,6 +153,7 @@ impl Limit {
             Limit::MaxChannels => "max_channels",
             Limit::MaxMessageSize => "max_message_size",
             Limit::MaxBufferedPerConnection => "max_buffered_per_connection",
+            Limit::MaxBufferedTotal => "max_buffered_total",
             Limit::MaxFrameSize => "max_frame_size",
             Limit::HandshakeTimeout => "handshake_timeout",
         }
@@ -413,7 +419,7 @@ impl Metrics {
             &mut out,
             "sluice_limit_hits_total",
             "counter",
-            "Connections refused or closed because a [limits] bound was hit, by limit.",
+            "Connections refused or closed, channels closed, or publishes paused because a [limits] bound was hit, by limit.",
         );
         for (n, l) in &listeners {
             for limit in Limit::ALL {

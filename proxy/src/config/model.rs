@@ -141,10 +141,13 @@ pub struct IdentityFile {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
-    /// Largest message (body) accepted; larger publishes close the connection with 506.
+    /// Largest message (body) accepted; a larger publish closes its channel with 406.
     pub max_message_size: Option<Spanned<String>>,
     /// Most bytes of unfinished publishes buffered per connection.
     pub max_buffered_per_connection: Option<Spanned<String>>,
+    /// Most bytes of unfinished publishes and pending answers buffered over all connections;
+    /// past it, publishes wait to be read (backpressure).
+    pub max_buffered_total: Option<Spanned<String>>,
     /// Largest frame sluice accepts when the client negotiates `frame_max = 0`.
     pub max_frame_size: Option<Spanned<String>>,
     /// Time a client has to finish the AMQP handshake.
@@ -155,8 +158,9 @@ pub struct LimitsFile {
     pub max_connections: Option<usize>,
     /// Most client connections per producer.
     pub max_connections_per_producer: Option<usize>,
-    /// Most channels per connection (enforced on `channel.open`).
-    pub max_channels: Option<u16>,
+    /// Most channels per connection: passed on to clients as `channel_max` in
+    /// `connection.tune`, enforced on `channel.open`.
+    pub max_channels: Option<Spanned<u16>>,
 }
 
 /// `[tarpit]`

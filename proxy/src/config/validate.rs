@@ -117,6 +117,9 @@ pub struct Limits {
     pub max_message_size: u64,
     /// Most bytes of unfinished publishes buffered per connection.
     pub max_buffered_per_connection: u64,
+    /// Most bytes of unfinished publishes and answers not yet sent to clients, over all
+    /// connections.
+    pub max_buffered_total: u64,
     /// Frame size cap when `frame_max = 0` is negotiated.
     pub max_frame_size: u32,
     /// Handshake deadline.
@@ -136,6 +139,7 @@ impl Default for Limits {
         Limits {
             max_message_size: 128 << 20,
             max_buffered_per_connection: 256 << 20,
+            max_buffered_total: default_max_buffered_total(),
             max_frame_size: 1 << 20,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
@@ -144,6 +148,36 @@ impl Default for Limits {
             max_channels: 2047,
         }
     }
+}
+
+/// The default `max_buffered_total`: 1 GiB, or a quarter of the memory sluice may use when that
+/// is less (the cgroup's `memory.max` in a container, else the machine's memory). Buffered
+/// publishes are sluice's only memory that grows with what clients send; a quarter leaves the
+/// rest for read buffers that frames still point into, plugin instances, per-connection state
+/// and allocator slack.
+pub fn default_max_buffered_total() -> u64 {
+    const CAP: u64 = 1 << 30;
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    .filter_map(|s| s.trim().parse::<u64>().ok())
+    .next();
+    let physical = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kib| kib.parse::<u64>().ok())
+            .map(|kib| kib.saturating_mul(1024))
+    });
+    // cgroup v1 reports "no limit" as a huge number: the smaller of the two is what counts.
+    let memory = match (cgroup, physical) {
+        (Some(c), Some(p)) => Some(c.min(p)),
+        (c, p) => c.or(p),
+    };
+    memory.map_or(CAP, |m| (m / 4).clamp(16 << 20, CAP))
 }
 
 /// Connection-attempt limit per producer.
@@ -476,8 +510,32 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
         max_connections_per_producer: l
             .max_connections_per_producer
             .unwrap_or(limits_default.max_connections_per_producer),
-        max_channels: l.max_channels.unwrap_or(limits_default.max_channels),
+        max_buffered_total: cx.size(
+            &l.max_buffered_total,
+            "limits.max_buffered_total",
+            limits_default.max_buffered_total,
+        ),
+        max_channels: match &l.max_channels {
+            None => limits_default.max_channels,
+            Some(v) if *v.get_ref() == 0 => {
+                cx.at(v, "limits.max_channels must be at least 1");
+                limits_default.max_channels
+            }
+            Some(v) => *v.get_ref(),
+        },
     };
+    if let Some(v) = &l.max_buffered_total {
+        if limits.max_buffered_total < limits.max_message_size {
+            cx.at(
+                v,
+                format!(
+                    "limits.max_buffered_total ({}) is less than limits.max_message_size ({}): \
+                     a message that large could only be read while no other publish is buffered",
+                    limits.max_buffered_total, limits.max_message_size
+                ),
+            );
+        }
+    }
 
     let mut names = HashSet::new();
     let mut addrs = HashSet::new();

@@ -396,10 +396,10 @@ async fn proxy(
     let start_ok_frame = Frame::encode(FrameKind::Method, 0, &payload);
     upstream.write_all(&start_ok_frame.raw).await?;
 
-    let shared = Arc::new(parking_lot::Mutex::new(Shared {
-        client_blocked_capable,
-        ..Default::default()
-    }));
+    let mut shared = Shared::default();
+    shared.client_blocked_capable = client_blocked_capable;
+    shared.budget = Some(rt.buffered.clone());
+    let shared = Arc::new(parking_lot::Mutex::new(shared));
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ToClient>();
     let (client_rd, client_wr) = client.into_split();
     let (upstream_rd, upstream_wr) = upstream.into_split();

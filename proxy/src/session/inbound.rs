@@ -15,7 +15,7 @@ use crate::protocol::amqp::frame::{self, Frame, FrameKind};
 use crate::protocol::amqp::header::{ContentHeader, Property};
 use crate::protocol::amqp::method::{self, MethodId, Publish, Tune};
 use crate::protocol::amqp::{code, reply, FrameError};
-use crate::runtime::{Active, Runtime};
+use crate::runtime::{Active, BudgetShare, Runtime};
 use crate::tls::{ReadHalf as OwnedReadHalf, WriteHalf as OwnedWriteHalf};
 use bytes::BytesMut;
 use parking_lot::Mutex;
@@ -28,10 +28,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, trace, warn};
+use tracing::{debug, info, trace, warn};
 
 /// A connection whose reads were held stops being shown as blocked after this long without a hold.
 const UNBLOCK_IDLE: Duration = Duration::from_millis(250);
+
+/// How often a publish waiting for room under `max_buffered_total` re-checks without a wake-up.
+const ROOM_POLL: Duration = Duration::from_millis(100);
+
+/// Bytes of the body frames of a `body_size` content sent in frames of `frame_max`: what a
+/// publish is admitted for at its content header.
+fn body_frames_bytes(body_size: u64, frame_max: u32) -> u64 {
+    let per_frame = u64::from(frame_max.saturating_sub(8).max(1));
+    body_size.saturating_add(body_size.div_ceil(per_frame).saturating_mul(8))
+}
+
+/// The reason sluice gives the broker when it closes a channel after a shed publish.
+const SHED_CLOSE: &str = "sluice: closing the channel after a shed publish";
 
 /// How often a connection whose answers back up re-checks whether its client has read them.
 const BACKLOG_POLL: Duration = Duration::from_millis(5);
@@ -55,6 +68,8 @@ struct Pending {
     received: u64,
     header_seen: bool,
     bytes: u64,
+    /// Bytes admitted into the process-wide budget for body frames still to come.
+    reserved: u64,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -87,6 +102,8 @@ pub(super) struct Inbound {
     assembling: HashMap<u16, Pending>,
     channels: HashMap<u16, LocalChannel>,
     buffered: u64,
+    /// This connection's bytes in the process-wide budget (`max_buffered_total`).
+    budget: BudgetShare,
     holding: bool,
     blocked_sent: bool,
 }
@@ -149,6 +166,7 @@ impl Inbound {
         shutdown: CancellationToken,
         conn_done: CancellationToken,
     ) -> Self {
+        let budget = BudgetShare::new(rt.buffered.clone());
         Inbound {
             rt,
             listener,
@@ -173,6 +191,7 @@ impl Inbound {
             assembling: HashMap::new(),
             channels: HashMap::new(),
             buffered: 0,
+            budget,
             holding: false,
             blocked_sent: false,
         }
@@ -333,6 +352,7 @@ impl Inbound {
                 Publish::decode(args)?;
                 let bytes = f.raw.len() as u64;
                 self.account(bytes)?;
+                self.budget.add(bytes);
                 self.assembling.insert(
                     ch,
                     Pending {
@@ -341,6 +361,7 @@ impl Inbound {
                         received: 0,
                         header_seen: false,
                         bytes,
+                        reserved: 0,
                     },
                 );
                 return Ok(());
@@ -355,11 +376,18 @@ impl Inbound {
             }
             MethodId::TX_SELECT => self.channels.entry(ch).or_default().tx = true,
             MethodId::CHANNEL_OPEN => {
-                let max = self.rt.active().config.limits.max_channels;
-                if self.channels.len() >= max as usize && !self.channels.contains_key(&ch) {
+                // The limit the client was told in connection.tune; as RabbitMQ does for its own
+                // channel_max, going past it closes the connection with 530.
+                let max = match self.shared.lock().channel_max {
+                    0 => self.rt.active().config.limits.max_channels,
+                    n => n,
+                };
+                let open = self.channels.len();
+                if open >= max as usize && !self.channels.contains_key(&ch) {
                     self.stats.limit_hit(Limit::MaxChannels);
-                    return Err(SessionError::Resource(format!(
-                        "channel limit of {max} per connection reached"
+                    return Err(SessionError::NotAllowed(format!(
+                        "number of channels opened ({open}) has reached the negotiated \
+                         channel_max ({max}) (limits.max_channels)"
                     )));
                 }
                 self.channels.insert(ch, LocalChannel::default());
@@ -468,6 +496,8 @@ impl Inbound {
             .is_some_and(|c| c.closing.is_some())
     }
 
+    /// Count bytes of an unfinished publish against `max_buffered_per_connection` (a close with
+    /// 506 past it).
     fn account(&mut self, bytes: u64) -> Result<(), SessionError> {
         self.buffered += bytes;
         let max = self.rt.active().config.limits.max_buffered_per_connection;
@@ -508,20 +538,102 @@ impl Inbound {
             )));
         }
         if body_size > max {
+            // As RabbitMQ does for its own max_message_size: the channel is closed with 406,
+            // the connection and its other channels carry on. The body frames the client sends
+            // before it sees the close are discarded unread (the channel is closing).
             self.stats.limit_hit(Limit::MaxMessageSize);
-            return Err(SessionError::Resource(format!(
-                "message of {body_size} bytes on channel {ch} exceeds max_message_size {max}"
-            )));
+            if let Some(p) = self.assembling.remove(&ch) {
+                self.buffered = self.buffered.saturating_sub(p.bytes);
+                self.budget.release(p.bytes + p.reserved);
+            }
+            info!(
+                channel = ch,
+                body_size, max, "message over max_message_size: channel closed"
+            );
+            self.close_channel(
+                ch,
+                &format!(
+                    "PRECONDITION_FAILED - message size {body_size} is larger than configured \
+                     max size {max} (sluice: limits.max_message_size)"
+                ),
+                "sluice: closing the channel after a message over max_message_size",
+            );
+            return Ok(());
         }
+        // The whole content is admitted into the process-wide budget at once, before any body
+        // frame is read: a publish that does not fit waits here, with this connection's reads
+        // paused, and one that was admitted can always finish.
+        let len = f.raw.len() as u64;
+        let body = body_frames_bytes(body_size, self.frame_max);
+        self.wait_for_room(len + body).await?;
+        let Some(p) = self.assembling.get_mut(&ch) else {
+            return Ok(());
+        };
         p.body_size = body_size;
         p.header_seen = true;
-        let len = f.raw.len() as u64;
         p.bytes += len;
+        p.reserved = body;
         p.frames.push(f);
         self.account(len)?;
         if body_size == 0 {
             self.complete(ch).await?;
         }
+        Ok(())
+    }
+
+    /// Take `need` bytes from the process-wide budget, waiting (reads paused, the broker's
+    /// heartbeat kept) until other connections free enough.
+    async fn wait_for_room(&mut self, need: u64) -> Result<(), SessionError> {
+        let budget = self.budget.budget().clone();
+        let max = self.rt.active().config.limits.max_buffered_total;
+        if budget.try_take(need, max) {
+            self.budget.taken(need);
+            return Ok(());
+        }
+        self.stats.limit_hit(Limit::MaxBufferedTotal);
+        debug!(
+            need,
+            buffered = budget.used(),
+            max,
+            "over max_buffered_total: this publish waits for room"
+        );
+        self.flush().await?;
+        let wait = budget.wait(self.budget.held());
+        loop {
+            let freed = wait.freed();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let max = self.rt.active().config.limits.max_buffered_total;
+            if wait.try_take(need, max) {
+                break;
+            }
+            let now = Instant::now();
+            let mut wake = now + ROOM_POLL;
+            if !self.heartbeat.is_zero() {
+                wake = wake.min(self.last_upstream_write + self.heartbeat / 2);
+            }
+            tokio::select! {
+                _ = &mut freed => {}
+                _ = tokio::time::sleep_until(wake) => {}
+                // Ending anyway: let the publish through rather than hold the drain up.
+                _ = self.shutdown.cancelled() => {
+                    budget.add(need);
+                    break;
+                }
+                _ = self.conn_done.cancelled() => {
+                    budget.add(need);
+                    break;
+                }
+            }
+            if !self.heartbeat.is_zero()
+                && Instant::now() >= self.last_upstream_write + self.heartbeat / 2
+            {
+                self.upstream.write_all(&Frame::heartbeat().raw).await?;
+                self.last_upstream_write = Instant::now();
+            }
+        }
+        drop(wait);
+        self.budget.taken(need);
         Ok(())
     }
 
@@ -545,8 +657,12 @@ impl Inbound {
         }
         let len = f.raw.len() as u64;
         p.bytes += len;
+        // Frames smaller than frame_max cost more headers than were admitted: count the excess.
+        let beyond = len.saturating_sub(p.reserved);
+        p.reserved = p.reserved.saturating_sub(len);
         let done = p.received == p.body_size;
         p.frames.push(f);
+        self.budget.add(beyond);
         self.account(len)?;
         if done {
             self.complete(ch).await?;
@@ -560,6 +676,7 @@ impl Inbound {
             return Ok(());
         };
         self.buffered = self.buffered.saturating_sub(p.bytes);
+        self.budget.release(p.bytes + p.reserved);
         let active = self.rt.active();
         let (Some(identity), Some(conn_stats)) = (self.identity.clone(), self.producer.clone())
         else {
@@ -717,6 +834,7 @@ impl Inbound {
                 &format!(
                     "PRECONDITION_FAILED - sluice: publish shed inside a transaction: {reason}"
                 ),
+                SHED_CLOSE,
             );
             return;
         }
@@ -747,6 +865,7 @@ impl Inbound {
             self.close_channel(
                 ch,
                 &format!("PRECONDITION_FAILED - sluice: publish shed: {reason}"),
+                SHED_CLOSE,
             );
             return;
         }
@@ -759,12 +878,12 @@ impl Inbound {
     /// takes them.
     fn inject(&mut self, ch: u16, frames: Vec<Frame>) {
         let bytes: usize = frames.iter().map(|f| f.raw.len()).sum();
-        self.shared.lock().to_client_bytes += bytes;
+        self.shared.lock().injected(bytes);
         let _ = self.to_client.send(ToClient::Frames(ch, frames));
     }
 
     /// Close a channel on both legs: 406 to the client, a normal close to the broker.
-    fn close_channel(&mut self, ch: u16, text: &str) {
+    fn close_channel(&mut self, ch: u16, text: &str, upstream_text: &str) {
         {
             let mut s = self.shared.lock();
             let st = s.channels.entry(ch).or_default();
@@ -780,12 +899,7 @@ impl Inbound {
                 MethodId::BASIC_PUBLISH,
             )],
         );
-        let up = reply::channel_close(
-            ch,
-            code::REPLY_SUCCESS,
-            "sluice: closing the channel after a shed publish",
-            MethodId(0, 0),
-        );
+        let up = reply::channel_close(ch, code::REPLY_SUCCESS, upstream_text, MethodId(0, 0));
         self.out.push(&up.raw);
     }
 

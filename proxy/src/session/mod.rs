@@ -30,8 +30,10 @@ pub mod redis;
 use crate::protocol::amqp::frame::Frame;
 use crate::protocol::amqp::wire::WireError;
 use crate::protocol::amqp::FrameError;
+use crate::runtime::BufferBudget;
 use channel::ChannelState;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Something the inbound pump asks the outbound pump to send to the client.
 #[derive(Debug)]
@@ -49,6 +51,9 @@ pub enum ToClient {
 pub struct Shared {
     /// Channels with state (confirm mode, tx, sluice closing).
     pub channels: HashMap<u16, ChannelState>,
+    /// The `channel_max` sluice passed on to the client in `connection.tune` (the broker's,
+    /// lowered to `[limits] max_channels`); 0 until the broker's tune has gone by.
+    pub channel_max: u16,
     /// The client advertised `capabilities.connection.blocked`.
     pub client_blocked_capable: bool,
     /// The broker has blocked this connection.
@@ -58,13 +63,33 @@ pub struct Shared {
     /// sluice sent `connection.close` upstream itself: swallow the broker's close-ok.
     pub upstream_close_by_sluice: bool,
     /// Bytes of frames the inbound pump injected that the outbound pump has not taken yet; past
-    /// `max_buffered_per_connection` the inbound pump stops reading the client.
+    /// `max_buffered_per_connection` the inbound pump stops reading the client. Also counted in
+    /// the process-wide budget, which gets back what is left when the connection ends.
     pub to_client_bytes: usize,
+    /// The process-wide budget of buffered bytes (`max_buffered_total`).
+    pub budget: Option<Arc<BufferBudget>>,
     /// Cancelled once the client has answered a close with close-ok or closed its socket.
     pub client_finished: tokio_util::sync::CancellationToken,
 }
 
 impl Shared {
+    /// Frames were queued for the client.
+    pub fn injected(&mut self, bytes: usize) {
+        self.to_client_bytes += bytes;
+        if let Some(b) = &self.budget {
+            b.add(bytes as u64);
+        }
+    }
+
+    /// Queued frames were taken by the outbound pump (sent or dropped).
+    pub fn taken(&mut self, bytes: usize) {
+        let n = bytes.min(self.to_client_bytes);
+        self.to_client_bytes -= n;
+        if let Some(b) = &self.budget {
+            b.release(n as u64);
+        }
+    }
+
     /// Forwarded publishes the broker has not confirmed, over all channels.
     pub fn unconfirmed(&self) -> usize {
         self.channels
@@ -72,6 +97,16 @@ impl Shared {
             .filter_map(|c| c.confirms.as_ref())
             .map(|m| m.unconfirmed())
             .sum()
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Frames never taken (the outbound pump ended first) leave the budget with the
+        // connection.
+        if let Some(b) = &self.budget {
+            b.release(self.to_client_bytes as u64);
+        }
     }
 }
 
@@ -93,6 +128,9 @@ pub enum SessionError {
     /// A resource bound was hit.
     #[error("resource limit: {0}")]
     Resource(String),
+    /// The client went past a limit it was told about (e.g. the negotiated `channel_max`).
+    #[error("{0}")]
+    NotAllowed(String),
     /// The handshake did not finish in time.
     #[error("handshake timed out")]
     HandshakeTimeout,
@@ -111,6 +149,7 @@ impl SessionError {
             SessionError::Unexpected(_) => code::UNEXPECTED_FRAME,
             SessionError::CommandInvalid(_) => code::COMMAND_INVALID,
             SessionError::Resource(_) => code::RESOURCE_ERROR,
+            SessionError::NotAllowed(_) => code::NOT_ALLOWED,
             SessionError::HandshakeTimeout => code::CONNECTION_FORCED,
             SessionError::Io(_) => code::INTERNAL_ERROR,
         }

@@ -8,7 +8,7 @@ use crate::admin::ListenerStats;
 use crate::config::validate::ListenerConfig;
 use crate::protocol::amqp::frame::{self, Frame, FrameKind};
 use crate::protocol::amqp::header::ContentHeader;
-use crate::protocol::amqp::method::{self, Close, Confirm, MethodId};
+use crate::protocol::amqp::method::{self, Close, Confirm, MethodId, Tune};
 use crate::protocol::amqp::reply;
 use crate::runtime::Runtime;
 use crate::tls::{ReadHalf as OwnedReadHalf, WriteHalf as OwnedWriteHalf};
@@ -23,9 +23,12 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-enum Content {
-    AwaitHeader,
-    Body(u64),
+/// A delivery, return or get-ok whose content is still coming on a channel.
+struct Content {
+    /// Body bytes still to come; `None` until the content header.
+    left: Option<u64>,
+    /// It started after sluice began closing the channel: the client must not see it.
+    discard: bool,
 }
 
 pub(super) struct Outbound {
@@ -151,8 +154,7 @@ impl Outbound {
     fn on_cmd(&mut self, cmd: ToClient) {
         if let ToClient::Frames(_, frames) = &cmd {
             let bytes: usize = frames.iter().map(|f| f.raw.len()).sum();
-            let mut s = self.shared.lock();
-            s.to_client_bytes = s.to_client_bytes.saturating_sub(bytes);
+            self.shared.lock().taken(bytes);
         }
         if self.client_closed {
             return;
@@ -224,24 +226,38 @@ impl Outbound {
                 FrameKind::Header => {
                     let ch = f.channel;
                     let size = ContentHeader::parse(f.payload())?.body_size;
-                    self.out.push(&f.raw);
-                    if matches!(self.content.get(&ch), Some(Content::AwaitHeader)) {
-                        if size == 0 {
-                            self.end_content(ch);
-                        } else {
-                            self.content.insert(ch, Content::Body(size));
+                    match self.content.get_mut(&ch) {
+                        Some(c) if c.left.is_none() => {
+                            if !c.discard {
+                                self.out.push(&f.raw);
+                            }
+                            c.left = Some(size);
+                            if size == 0 {
+                                self.end_content(ch);
+                            }
                         }
+                        Some(c) if c.discard => {}
+                        _ => self.out.push(&f.raw),
                     }
                 }
                 FrameKind::Body => {
                     let ch = f.channel;
                     let len = f.payload().len() as u64;
-                    self.out.push(&f.raw);
-                    if let Some(Content::Body(rem)) = self.content.get_mut(&ch) {
-                        *rem = rem.saturating_sub(len);
-                        if *rem == 0 {
-                            self.end_content(ch);
+                    match self.content.get_mut(&ch) {
+                        Some(Content {
+                            left: Some(rem),
+                            discard,
+                        }) => {
+                            if !*discard {
+                                self.out.push(&f.raw);
+                            }
+                            *rem = rem.saturating_sub(len);
+                            if *rem == 0 {
+                                self.end_content(ch);
+                            }
                         }
+                        Some(c) if c.discard => {}
+                        _ => self.out.push(&f.raw),
                     }
                 }
             }
@@ -261,13 +277,54 @@ impl Outbound {
     fn on_method(&mut self, f: Frame) -> Result<(), super::SessionError> {
         let ch = f.channel;
         let (id, args) = method::split_id(f.payload())?;
+        // Once sluice has closed a channel towards the client (a shed or oversized publish), the
+        // client sees nothing more on it but the close handshake: deliveries, returns and
+        // confirms the broker still sends are dropped (the broker requeues unacked deliveries
+        // when sluice's own close of the channel reaches it).
+        let sluice_closing = ch != 0
+            && !matches!(id, MethodId::CHANNEL_CLOSE | MethodId::CHANNEL_CLOSE_OK)
+            && self
+                .shared
+                .lock()
+                .channels
+                .get(&ch)
+                .is_some_and(|st| st.closing.is_some());
         if id.has_content() {
-            self.content.insert(ch, Content::AwaitHeader);
-            self.out.push(&f.raw);
+            self.content.insert(
+                ch,
+                Content {
+                    left: None,
+                    discard: sluice_closing,
+                },
+            );
+            if !sluice_closing {
+                self.out.push(&f.raw);
+            }
+            return Ok(());
+        }
+        if sluice_closing {
             return Ok(());
         }
         if ch == 0 {
             match id {
+                MethodId::CONNECTION_TUNE => {
+                    // Tell the client sluice's channel limit, so a well-behaved client never
+                    // opens more channels than sluice allows (its library refuses first).
+                    let mut t = Tune::decode(args)?;
+                    let max = self.rt.active().config.limits.max_channels;
+                    let offered = if t.channel_max == 0 {
+                        max
+                    } else {
+                        t.channel_max.min(max)
+                    };
+                    self.shared.lock().channel_max = offered;
+                    if offered == t.channel_max {
+                        self.out.push(&f.raw);
+                    } else {
+                        t.channel_max = offered;
+                        self.out.push(&reply::connection_tune(t).raw);
+                    }
+                }
                 MethodId::CONNECTION_BLOCKED => {
                     let reason = method::decode_blocked_reason(args).unwrap_or("");
                     warn!(reason, "broker blocked the connection");
@@ -382,17 +439,7 @@ impl Outbound {
                     }
                 }
             }
-            _ => {
-                let closing = self
-                    .shared
-                    .lock()
-                    .channels
-                    .get(&ch)
-                    .is_some_and(|st| st.closing.is_some());
-                if !closing {
-                    self.out.push(&f.raw);
-                }
-            }
+            _ => self.out.push(&f.raw),
         }
         Ok(())
     }

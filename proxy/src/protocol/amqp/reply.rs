@@ -76,6 +76,16 @@ pub fn connection_close_ok() -> Frame {
     method(0, MethodId::CONNECTION_CLOSE_OK, |_| {})
 }
 
+/// `connection.tune` with these values: the broker's tune with its channel limit lowered to
+/// sluice's `max_channels`.
+pub fn connection_tune(t: super::method::Tune) -> Frame {
+    method(0, MethodId::CONNECTION_TUNE, |p| {
+        p.put_u16(t.channel_max);
+        p.put_u32(t.frame_max);
+        p.put_u16(t.heartbeat);
+    })
+}
+
 /// `connection.blocked` with a reason.
 pub fn connection_blocked(reason: &str) -> Frame {
     method(0, MethodId::CONNECTION_BLOCKED, |p| {
@@ -146,6 +156,23 @@ mod tests {
                     reply_text: "shed".into(),
                     class_id: 60,
                     method_id: 40
+                }))
+            )
+        );
+        assert_eq!(
+            connection_tune(super::super::method::Tune {
+                channel_max: 3,
+                frame_max: 131072,
+                heartbeat: 60
+            })
+            .raw
+            .to_vec(),
+            oracle::method_frame(
+                0,
+                AMQPClass::Connection(connection::AMQPMethod::Tune(connection::Tune {
+                    channel_max: 3,
+                    frame_max: 131072,
+                    heartbeat: 60
                 }))
             )
         );
