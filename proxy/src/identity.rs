@@ -1,4 +1,13 @@
 //! Naming the producer: the first configured source that yields a value.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
 
 use std::net::IpAddr;
 use std::sync::Arc;

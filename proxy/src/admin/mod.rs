@@ -1,4 +1,13 @@
 //! The operations surface: Prometheus metrics and the admin HTTP API.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
 
 pub mod events;
 pub mod histogram;

@@ -18,6 +18,15 @@
 //!
 //! The message is not copied into the plugin: the guest gets a handle and asks for the fields it
 //! needs, which are answered from the caller's [`MessageFacts`] during the call.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
 
 mod bindings;
 mod bucket;

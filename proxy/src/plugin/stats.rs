@@ -67,7 +67,7 @@ impl PolicyStats {
 
     /// Errors of one kind so far.
     pub fn errors(&self, kind: ErrorKind) -> u64 {
-        self.errors[kind.index()].load(Relaxed)
+        self.errors.get(kind.index()).map_or(0, |c| c.load(Relaxed))
     }
 
     /// True once too many errors disabled the policy.
@@ -132,7 +132,9 @@ impl PolicyStats {
 
     /// Counts one error; returns true if it disables the policy (`max_errors` within `window`).
     pub(crate) fn record_error(&self, kind: ErrorKind, max_errors: u32, window: Duration) -> bool {
-        self.errors[kind.index()].fetch_add(1, Relaxed);
+        if let Some(c) = self.errors.get(kind.index()) {
+            c.fetch_add(1, Relaxed);
+        }
         if kind == ErrorKind::Disabled || self.is_disabled() {
             return false;
         }

@@ -1,4 +1,13 @@
 //! The protocol-neutral decision: identity → quotas → plugins → one verdict per publish.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
 
 pub mod chain;
 pub mod glob;
