@@ -676,7 +676,14 @@ impl Inbound {
             return Ok(());
         };
         self.buffered = self.buffered.saturating_sub(p.bytes);
+        // The frames stay in memory until the verdict is applied (a delay may hold them): they
+        // leave the process-wide budget only then.
+        let result = self.decide(ch, &p).await;
         self.budget.release(p.bytes + p.reserved);
+        result
+    }
+
+    async fn decide(&mut self, ch: u16, p: &Pending) -> Result<(), SessionError> {
         let active = self.rt.active();
         let (Some(identity), Some(conn_stats)) = (self.identity.clone(), self.producer.clone())
         else {
