@@ -198,3 +198,58 @@ async fn max_buffered_total_below_max_message_size_is_a_config_error() -> Result
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn publishes_interleaved_on_one_connection_never_wait_for_each_other() -> Result<()> {
+    // Two 40 KiB publishes interleaved on two channels: the second content header does not fit
+    // next to the first publish, whose body is still to come behind it on the same socket. If
+    // it waited for room, nothing could ever free any.
+    let s = Sluice::start(&format!(
+        "[limits]\nmax_buffered_total = \"{LIMIT}B\"\nmax_message_size = \"60KiB\"\n"
+    ))
+    .await?;
+    let broker = Broker::connect().await?;
+    let q = unique("total-interleaved");
+    let _g = Queues::new([q.clone()]);
+    broker.queue(&q).await?;
+    let mut c = RawAmqp::open(RawAmqp::addr_of(&s.url)?, &unique("interleaver")).await?;
+    for ch in [1u16, 2] {
+        c.open_channel(ch).await?;
+        c.send(&wire::confirm_select(ch)).await?;
+        c.expect(ch, (85, 11)).await?;
+    }
+    let half = vec![3u8; 20 * KIB as usize];
+    let mut bytes = Vec::new();
+    for ch in [1u16, 2] {
+        bytes.extend(wire::basic_publish(ch, "", &q));
+        bytes.extend(wire::content_header(ch, 2 * half.len() as u64));
+        bytes.extend(wire::body(ch, &half));
+    }
+    for ch in [1u16, 2] {
+        bytes.extend(wire::body(ch, &half));
+    }
+    c.send(&bytes).await?;
+    let mut acked = [false, false];
+    while acked != [true, true] {
+        let f = c
+            .next_method(WAIT)
+            .await
+            .context("the interleaved publishes were never confirmed")?;
+        ensure!(
+            f.method_id() == Some((60, 80)),
+            "expected basic.ack, got {:?} on channel {}: {:?}",
+            f.method_id(),
+            f.channel,
+            f.close_reason()
+        );
+        if let Some(a) = acked.get_mut(usize::from(f.channel).saturating_sub(1)) {
+            *a = true;
+        }
+    }
+    ensure!(
+        broker.settled_depth(&q).await? == 2,
+        "not both in the broker"
+    );
+    s.stop().await;
+    Ok(())
+}
