@@ -269,3 +269,57 @@ def test_producer_outside_the_quota_gets_every_publish_acked_during_a_flood(slui
     assert not by_verdict.get("shed"), by_verdict
     flood_verdicts = s.messages_by_verdict(flood_name)
     assert flood_verdicts.get("shed") == nacked, flood_verdicts
+
+
+LIMITS = """
+[limits]
+max_channels = 3
+max_message_size = "64KiB"
+"""
+
+
+def test_limits_as_pika_sees_them(sluice, broker, names):
+    """max_channels reaches pika as channel_max, so pika refuses a fourth channel by itself; a
+    message over max_message_size closes its channel with RabbitMQ's own 406, and the connection
+    and its other channels carry on."""
+    big_q = broker.declare_queue(names.queue("limits-big"))
+    other_q = broker.declare_queue(names.queue("limits-other"))
+    s = sluice(LIMITS)
+    conn = pika.BlockingConnection(s.params(names.producer("pika-limits")))
+    try:
+        assert conn._impl.params.channel_max == 3, conn._impl.params.channel_max
+        big = conn.channel()
+        big.confirm_delivery()
+        other = conn.channel()
+        other.confirm_delivery()
+        third = conn.channel()
+        with pytest.raises(pika.exceptions.NoFreeChannels):
+            conn.channel()
+        third.close()
+
+        big.basic_publish(exchange="", routing_key=big_q, body=b"x" * (60 * 1024))
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as closed:
+            big.basic_publish(exchange="", routing_key=big_q, body=b"x" * (100 * 1024))
+        print(f"oversized publish: {closed.value!r}")
+        assert closed.value.reply_code == 406
+        assert "larger than configured max size" in closed.value.reply_text
+        assert "max_message_size" in closed.value.reply_text
+        assert big.is_closed and conn.is_open
+
+        for i in range(5):
+            other.basic_publish(exchange="", routing_key=other_q, body=f"o-{i}".encode())
+        again = conn.channel()
+        again.confirm_delivery()
+        again.basic_publish(exchange="", routing_key=big_q, body=b"after")
+        assert broker.settled_depth(big_q) == 2, "only the small message and the one after"
+        assert broker.settled_depth(other_q) == 5
+        hits = {
+            labels.get("limit"): value
+            for name, labels, value in s.metrics()
+            if name == "sluice_limit_hits_total"
+        }
+        assert hits.get("max_message_size", 0) >= 1, hits
+        assert hits.get("max_channels", 0) == 0, "pika never tried past the limit"
+    finally:
+        if conn.is_open:
+            conn.close()
