@@ -1092,6 +1092,30 @@ on_exceed = { divert = { exchange = "", routing_key = "overflow" } }
     }
 
     #[test]
+    fn limits_parse_and_their_problems_have_lines() {
+        let good =
+            format!("{GOOD}\n[limits]\nmax_buffered_total = \"512MiB\"\nmax_channels = 16\n");
+        let c = parse(&good, Path::new("l.toml")).unwrap();
+        assert_eq!(c.limits.max_buffered_total, 512 << 20);
+        assert_eq!(c.limits.max_channels, 16);
+        let d = default_max_buffered_total();
+        assert!((16 << 20..=1 << 30).contains(&d), "default {d}");
+
+        let bad = format!(
+            "{GOOD}\n[limits]\nmax_message_size = \"2MiB\"\nmax_buffered_total = \"1MiB\"\nmax_channels = 0\n"
+        );
+        let text = parse(&bad, Path::new("l.toml")).unwrap_err().to_string();
+        assert!(
+            text.contains("l.toml:24: limits.max_buffered_total (1048576) is less than limits.max_message_size"),
+            "{text}"
+        );
+        assert!(
+            text.contains("l.toml:25: limits.max_channels must be at least 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_line() {
         let bad = r#"
 [[listener]]
