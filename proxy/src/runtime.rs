@@ -232,6 +232,15 @@ impl BudgetShare {
         self.held = self.held.saturating_add(n);
     }
 
+    /// Take `n` bytes from the budget if they fit under `max`.
+    pub fn try_take(&mut self, n: u64, max: u64) -> bool {
+        let ok = self.budget.try_take(n, max);
+        if ok {
+            self.held = self.held.saturating_add(n);
+        }
+        ok
+    }
+
     /// Record bytes the caller took from the budget itself (after waiting for room).
     pub fn taken(&mut self, n: u64) {
         self.held = self.held.saturating_add(n);

@@ -512,7 +512,11 @@ impl Inbound {
 
     async fn on_header(&mut self, f: Frame) -> Result<(), SessionError> {
         let ch = f.channel;
-        let max = self.rt.active().config.limits.max_message_size;
+        let (max, max_total) = {
+            let active = self.rt.active();
+            let l = &active.config.limits;
+            (l.max_message_size, l.max_buffered_total)
+        };
         if !self.assembling.contains_key(&ch) && self.sluice_closing(ch) {
             // Content of a publish the client sent before it saw sluice's channel.close: the
             // channel is closing, so (as for its method frame) every frame is discarded.
@@ -565,7 +569,7 @@ impl Inbound {
         // paused, and one that was admitted can always finish.
         let len = f.raw.len() as u64;
         let body = body_frames_bytes(body_size, self.frame_max);
-        self.wait_for_room(len + body).await?;
+        self.wait_for_room(len + body, max_total).await?;
         let Some(p) = self.assembling.get_mut(&ch) else {
             return Ok(());
         };
@@ -583,13 +587,11 @@ impl Inbound {
 
     /// Take `need` bytes from the process-wide budget, waiting (reads paused, the broker's
     /// heartbeat kept) until other connections free enough.
-    async fn wait_for_room(&mut self, need: u64) -> Result<(), SessionError> {
-        let budget = self.budget.budget().clone();
-        let max = self.rt.active().config.limits.max_buffered_total;
-        if budget.try_take(need, max) {
-            self.budget.taken(need);
+    async fn wait_for_room(&mut self, need: u64, max: u64) -> Result<(), SessionError> {
+        if self.budget.try_take(need, max) {
             return Ok(());
         }
+        let budget = self.budget.budget().clone();
         self.stats.limit_hit(Limit::MaxBufferedTotal);
         debug!(
             need,
