@@ -112,6 +112,8 @@ pub struct BufferBudget {
     waiting: AtomicU64,
     waiters: AtomicUsize,
     freed: tokio::sync::Notify,
+    /// Unix second of the last "publishes wait for room" warning (at most one per 10 s).
+    last_warning: AtomicU64,
 }
 
 impl BufferBudget {
@@ -149,6 +151,21 @@ impl BufferBudget {
                 (u.saturating_add(n) <= max).then(|| u.saturating_add(n))
             })
             .is_ok()
+    }
+
+    /// Whether a publish that has to wait should be logged: once per 10 s for the whole process
+    /// (the wait is per publish; `sluice_limit_hits_total` counts every one).
+    pub fn warn_now(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let last = self.last_warning.load(Ordering::Relaxed);
+        now >= last.saturating_add(10)
+            && self
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Start waiting for room while holding `held` bytes already (earlier frames of this

@@ -593,12 +593,22 @@ impl Inbound {
         }
         let budget = self.budget.budget().clone();
         self.stats.limit_hit(Limit::MaxBufferedTotal);
-        debug!(
-            need,
-            buffered = budget.used(),
-            max,
-            "over max_buffered_total: this publish waits for room"
-        );
+        if budget.warn_now() {
+            warn!(
+                need,
+                buffered = budget.used(),
+                max,
+                "max_buffered_total reached: publishes wait for room, their connections' reads \
+                 paused (logged at most every 10 s; counted in sluice_limit_hits_total)"
+            );
+        } else {
+            debug!(
+                need,
+                buffered = budget.used(),
+                max,
+                "over max_buffered_total: this publish waits for room"
+            );
+        }
         self.flush().await?;
         let wait = budget.wait(self.budget.held());
         loop {
