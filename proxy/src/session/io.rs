@@ -80,6 +80,12 @@ impl OutQueue {
             }
         }
         self.len = 0;
+        // Give the copy buffer back once everything is written: an idle connection then holds no
+        // write buffer at all (two per connection were 32 KiB of its memory), and a busy one
+        // takes a fresh one per batch from the allocator's thread cache.
+        if self.small.is_empty() && self.small.capacity() > 0 {
+            self.small = BytesMut::new();
+        }
         Ok(())
     }
 }
