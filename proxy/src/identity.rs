@@ -72,6 +72,16 @@ pub struct ConnFacts {
     pub peer_ip: Option<IpAddr>,
 }
 
+impl ConnFacts {
+    /// A client property by name, as text.
+    pub fn client_property(&self, name: &str) -> Option<String> {
+        self.client_properties
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+}
+
 /// Per-message lookups a protocol adapter provides for identity sources.
 pub trait MessageIdentity {
     /// `app_id` property.
@@ -145,11 +155,7 @@ impl IdentitySpec {
 
 fn conn_value(s: &Source, facts: &ConnFacts) -> Option<String> {
     let v = match s {
-        Source::ClientProperty(name) => facts
-            .client_properties
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone()),
+        Source::ClientProperty(name) => facts.client_property(name),
         Source::User => facts.user.clone(),
         Source::Vhost => facts.vhost.clone(),
         Source::PeerIp => facts.peer_ip.map(|ip| ip.to_string()),

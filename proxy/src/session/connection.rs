@@ -445,23 +445,32 @@ async fn proxy(
     result
 }
 
-async fn connect_upstream(
-    rt: &Runtime,
+/// A connection to the listener's upstream, TLS when it is configured, each step within
+/// `timeout`. Shared by every protocol's session.
+pub(crate) async fn dial_upstream(
     listener: &ListenerConfig,
     timeout: Duration,
-) -> Result<(Stream, BytesMut), String> {
+) -> Result<Stream, String> {
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(&listener.upstream.addr))
         .await
         .map_err(|_| format!("no answer within {timeout:?}"))?
         .map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
-    let mut s = match &listener.upstream.tls {
-        None => Stream::Plain(tcp),
+    match &listener.upstream.tls {
+        None => Ok(Stream::Plain(tcp)),
         Some(tls) => tokio::time::timeout(timeout, tls.connect(tcp))
             .await
             .map_err(|_| format!("no TLS handshake within {timeout:?}"))?
-            .map_err(|e| format!("TLS to the broker failed: {e}"))?,
-    };
+            .map_err(|e| format!("TLS to the broker failed: {e}")),
+    }
+}
+
+async fn connect_upstream(
+    rt: &Runtime,
+    listener: &ListenerConfig,
+    timeout: Duration,
+) -> Result<(Stream, BytesMut), String> {
+    let mut s = dial_upstream(listener, timeout).await?;
     s.write_all(PROTOCOL_HEADER)
         .await
         .map_err(|e| e.to_string())?;

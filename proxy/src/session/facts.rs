@@ -42,11 +42,7 @@ impl MessageFacts for AmqpMessage<'_> {
     }
 
     fn client_property(&self, name: &str) -> Option<String> {
-        self.conn
-            .client_properties
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
+        self.conn.client_property(name)
     }
 
     fn exchange(&self) -> &str {

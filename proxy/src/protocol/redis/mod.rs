@@ -44,4 +44,12 @@ impl PublishKind {
         };
         enough.then_some(kind)
     }
+
+    /// The messages a command of this kind carries: every pushed value, or the one published.
+    pub fn values(self, cmd: &Command) -> &[bytes::Bytes] {
+        match self {
+            PublishKind::Push => cmd.args.get(2..).unwrap_or_default(),
+            PublishKind::Publish => cmd.args.get(2..3).unwrap_or_default(),
+        }
+    }
 }

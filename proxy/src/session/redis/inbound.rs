@@ -507,11 +507,7 @@ impl Inbound {
         if active.chain.is_empty() && identity.message_sources.is_empty() {
             // Nothing to decide: count and forward.
             if let Some(stats) = &self.producer {
-                let values = match kind {
-                    PublishKind::Push => cmd.args.get(2..).unwrap_or_default(),
-                    PublishKind::Publish => cmd.args.get(2..3).unwrap_or_default(),
-                };
-                for v in values {
+                for v in kind.values(&cmd) {
                     stats.record(VerdictKind::Forward, v.len() as u64);
                 }
             }
@@ -589,10 +585,7 @@ impl Inbound {
         let identity = self.conn_identity(active);
         let conn_stats = self.producer.clone()?;
         let key = cmd.arg(1).map(String::from_utf8_lossy).unwrap_or_default();
-        let values = match kind {
-            PublishKind::Push => cmd.args.get(2..).unwrap_or_default(),
-            PublishKind::Publish => cmd.args.get(2..3).unwrap_or_default(),
-        };
+        let values = kind.values(cmd);
         let facts = self.facts.clone();
         let vhost = facts.vhost.clone().unwrap_or_else(|| "0".into());
         let mut out = Vec::with_capacity(values.len());

@@ -157,18 +157,7 @@ pub async fn serve(
 
 async fn connect_upstream(listener: &ListenerConfig) -> Result<Stream, String> {
     let timeout = Duration::from_secs(5).min(listener.probe.timeout.max(Duration::from_secs(1)));
-    let tcp = tokio::time::timeout(timeout, TcpStream::connect(&listener.upstream.addr))
-        .await
-        .map_err(|_| format!("no answer within {timeout:?}"))?
-        .map_err(|e| e.to_string())?;
-    let _ = tcp.set_nodelay(true);
-    match &listener.upstream.tls {
-        None => Ok(Stream::Plain(tcp)),
-        Some(tls) => tokio::time::timeout(timeout, tls.connect(tcp))
-            .await
-            .map_err(|_| format!("no TLS handshake within {timeout:?}"))?
-            .map_err(|e| format!("TLS to the server failed: {e}")),
-    }
+    crate::session::connection::dial_upstream(listener, timeout).await
 }
 
 async fn run(
