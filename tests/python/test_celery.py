@@ -121,6 +121,73 @@ on_exceed = { delay = "5s", then = "shed" }
     assert verdicts.get("forward", 0) + verdicts.get("delay", 0) == n, verdicts
 
 
+def unconfirmed_flood(sluice, broker, names, tag: str, limits: str) -> dict:
+    """Celery with its defaults (no publisher confirms) sends ``n`` small tasks as fast as its
+    socket takes them, through a sluice that paces the producer to 75 tasks/s; then waits until
+    they are all in the queue or nothing more arrives."""
+    queue = broker.declare_queue(names.queue(f"celery-unconfirmed-{tag}"))
+    broker.track_exchange(queue)
+    producer = names.producer(f"celery-unconfirmed-{tag}")
+    s = sluice(
+        f"""
+{limits}
+[[quota]]
+name = "celery-paced"
+match = {{ producer = "celery-unconfirmed-*" }}
+messages = "75/s"
+burst = 10
+on_exceed = {{ delay = "60s" }}
+"""
+    )
+    n = 2200
+    accepted_before = accepted_connections(s)
+    app = celery_app(s, producer, queue)
+    app.conf.broker_transport_options = {"client_properties": {"connection_name": producer}}
+    arg = "x" * 1500  # ~2.2 KB a publish with Celery's headers: 75/s is ~165 KB/s
+    try:
+        sent = 0
+        for i in range(n):
+            app.send_task(TASK, args=[i, arg])
+            sent += 1
+        depth, last_change, deadline = -1, time.monotonic(), time.monotonic() + 90
+        while time.monotonic() < deadline and depth < n:
+            d = broker.depth(queue)
+            if d != depth:
+                depth, last_change = d, time.monotonic()
+            elif time.monotonic() - last_change > 5:
+                break
+            time.sleep(0.25)
+    finally:
+        app.close()
+    return {
+        "sent": sent,
+        "in_queue": broker.settled_depth(queue, timeout=30),
+        "connections": accepted_connections(s) - accepted_before,
+        "verdicts": s.messages_by_verdict(producer),
+    }
+
+
+def test_unconfirmed_celery_paced_below_its_window_rate_keeps_its_connection(sluice, broker, names):
+    """Celery's default producer writes tasks without waiting for confirms, and py-amqp sets
+    ``TCP_USER_TIMEOUT`` (1 s) on its socket: Linux aborts it when the peer's receive window
+    stays shut that long, even though the window probes are answered. Paced at 75 tasks/s
+    (~165 KB/s), sluice would read a 64 KiB buffer only every ~0.4 s, too little to reopen a
+    loopback window; it reads the paced connection ahead instead (``max_read_ahead``), so the
+    connection lives and every task lands. The control, with read-ahead off, shows the loss: the
+    socket is aborted, kombu reconnects without a word, and what the old socket held is gone."""
+    control = unconfirmed_flood(sluice, broker, names, "control", '[limits]\nmax_read_ahead = "0"')
+    print(f"read-ahead off: {control}")
+    assert control["connections"] >= 2 and control["in_queue"] < control["sent"], (
+        f"the control did not reproduce the abort (kernel without zero-window user timeouts?): {control}"
+    )
+    paced = unconfirmed_flood(sluice, broker, names, "paced", "")
+    print(f"read-ahead on (default): {paced}")
+    assert paced["connections"] == 1, f"Celery reconnected: {paced}"
+    assert paced["in_queue"] == paced["sent"] == 2200, f"tasks lost: {paced}"
+    assert not paced["verdicts"].get("shed"), paced
+    assert paced["verdicts"].get("delay", 0) > 0, f"nothing was paced: {paced}"
+
+
 PLUGIN = __import__("pathlib").Path(__file__).resolve().parents[2] / "plugins" / "dist" / "celery_task_quota.wasm"
 
 

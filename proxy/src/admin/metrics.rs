@@ -130,11 +130,14 @@ pub enum Limit {
     MaxFrameSize,
     /// `handshake_timeout`: a connection closed before it was open.
     HandshakeTimeout,
+    /// `max_read_ahead`: a connection whose publishes wait had that much read ahead, so sluice
+    /// stopped reading it until they move on (counted once per wait).
+    MaxReadAhead,
 }
 
 impl Limit {
     /// Every limit, in label order.
-    pub const ALL: [Limit; 8] = [
+    pub const ALL: [Limit; 9] = [
         Limit::MaxConnections,
         Limit::MaxConnectionsPerProducer,
         Limit::MaxChannels,
@@ -143,6 +146,7 @@ impl Limit {
         Limit::MaxBufferedTotal,
         Limit::MaxFrameSize,
         Limit::HandshakeTimeout,
+        Limit::MaxReadAhead,
     ];
 
     /// The `limit` label: the config key.
@@ -156,6 +160,7 @@ impl Limit {
             Limit::MaxBufferedTotal => "max_buffered_total",
             Limit::MaxFrameSize => "max_frame_size",
             Limit::HandshakeTimeout => "handshake_timeout",
+            Limit::MaxReadAhead => "max_read_ahead",
         }
     }
 }

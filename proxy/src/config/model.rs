@@ -148,6 +148,8 @@ pub struct LimitsFile {
     /// Most bytes of unfinished publishes and pending answers buffered over all connections;
     /// past it, publishes wait to be read (backpressure).
     pub max_buffered_total: Option<Spanned<String>>,
+    /// Most bytes read ahead of a connection whose publishes wait (paced, or a slow broker).
+    pub max_read_ahead: Option<Spanned<String>>,
     /// Largest frame sluice accepts when the client negotiates `frame_max = 0`.
     pub max_frame_size: Option<Spanned<String>>,
     /// Time a client has to finish the AMQP handshake.

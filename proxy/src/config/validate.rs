@@ -120,6 +120,9 @@ pub struct Limits {
     /// Most bytes of unfinished publishes and answers not yet sent to clients, over all
     /// connections.
     pub max_buffered_total: u64,
+    /// Most bytes sluice reads ahead of a connection whose publishes wait, so that the client's
+    /// TCP receive window keeps opening (0: reads stop while publishes wait).
+    pub max_read_ahead: u64,
     /// Frame size cap when `frame_max = 0` is negotiated.
     pub max_frame_size: u32,
     /// Handshake deadline.
@@ -140,6 +143,7 @@ impl Default for Limits {
             max_message_size: 128 << 20,
             max_buffered_per_connection: 256 << 20,
             max_buffered_total: default_max_buffered_total(),
+            max_read_ahead: 8 << 20,
             max_frame_size: 1 << 20,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
@@ -514,6 +518,11 @@ fn build(file: &ConfigFile, cx: &mut Ctx<'_>, text: &str, path: &Path) -> Config
             &l.max_buffered_total,
             "limits.max_buffered_total",
             limits_default.max_buffered_total,
+        ),
+        max_read_ahead: cx.size(
+            &l.max_read_ahead,
+            "limits.max_read_ahead",
+            limits_default.max_read_ahead,
         ),
         max_channels: match &l.max_channels {
             None => limits_default.max_channels,

@@ -17,7 +17,7 @@ use crate::protocol::amqp::method::{self, MethodId, Publish, Tune};
 use crate::protocol::amqp::{code, reply, FrameError};
 use crate::runtime::{Active, BudgetShare, Runtime};
 use crate::tls::{ReadHalf as OwnedReadHalf, WriteHalf as OwnedWriteHalf};
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,6 +48,89 @@ const SHED_CLOSE: &str = "sluice: closing the channel after a shed publish";
 
 /// How often a connection whose answers back up re-checks whether its client has read them.
 const BACKLOG_POLL: Duration = Duration::from_millis(5);
+
+/// While a connection's publishes wait, sluice still reads it this often, this much at a time
+/// (up to `max_read_ahead`). Not reading lets the client's TCP receive window shut, and Linux
+/// aborts a socket whose peer's window stays shut longer than its `TCP_USER_TIMEOUT` (py-amqp,
+/// Celery's AMQP client, sets 1 s), even though every zero-window probe is answered. A read
+/// reopens the window only once it frees a whole segment (64 KiB on loopback, where a sidecar's
+/// clients are) plus the kernel's per-buffer overhead: reads of 128 KiB every 200 ms kept such a
+/// client connected in every trial; 64 KiB, or every 400 ms, did not.
+const READ_AHEAD_EVERY: Duration = Duration::from_millis(200);
+const READ_AHEAD_CHUNK: u64 = 128 * 1024;
+
+/// Reads made while the connection's publishes wait.
+struct ReadAhead {
+    /// Bytes of the process-wide budget taken for them; given back once the pump has processed
+    /// what they read.
+    reserved: u64,
+    /// The last read of the client's socket, paused or not.
+    last: Instant,
+    /// The client closed its side (seen by one of these reads).
+    eof: bool,
+    /// `max_read_ahead` was reached during this wait (counted once per wait).
+    full: bool,
+}
+
+/// Whether to read ahead now, and if so under which bounds (`max_read_ahead`,
+/// `max_buffered_total`). Counts the first time in a wait that `max_read_ahead` stops it.
+fn read_ahead_bounds(
+    rt: &Runtime,
+    stats: &ListenerStats,
+    buf: &BytesMut,
+    ahead: &mut ReadAhead,
+) -> Option<(u64, u64)> {
+    if ahead.eof {
+        return None;
+    }
+    let active = rt.active();
+    let limits = &active.config.limits;
+    if limits.max_read_ahead == 0 {
+        return None;
+    }
+    // A smaller read would not reopen the window (see READ_AHEAD_EVERY): wait for room for a
+    // whole one.
+    if buf.len() as u64 + READ_AHEAD_CHUNK > limits.max_read_ahead {
+        if !ahead.full {
+            ahead.full = true;
+            stats.limit_hit(Limit::MaxReadAhead);
+            debug!(
+                max_read_ahead = limits.max_read_ahead,
+                "publishes wait and max_read_ahead is read ahead: reads stop until they move"
+            );
+        }
+        return None;
+    }
+    Some((limits.max_read_ahead, limits.max_buffered_total))
+}
+
+/// One read of a client whose publishes wait: no sooner than [`READ_AHEAD_EVERY`] after the
+/// last read, at most [`READ_AHEAD_CHUNK`] and never past `max` unprocessed bytes, and only with
+/// room in the process-wide budget. Cancel-safe: it reads nothing unless it completes.
+async fn read_ahead(
+    client: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    ahead: &mut ReadAhead,
+    budget: &mut BudgetShare,
+    max: u64,
+    max_total: u64,
+) -> Result<(), SessionError> {
+    tokio::time::sleep_until(ahead.last + READ_AHEAD_EVERY).await;
+    let n = READ_AHEAD_CHUNK.min(max.saturating_sub(buf.len() as u64));
+    if n == 0 || !budget.try_take(n, max_total) {
+        // Full, or no room anywhere: try again a period later.
+        ahead.last = Instant::now();
+        return Ok(());
+    }
+    ahead.reserved += n;
+    buf.reserve(n as usize);
+    let got = client.read_buf(&mut (&mut *buf).limit(n as usize)).await?;
+    ahead.last = Instant::now();
+    if got == 0 {
+        ahead.eof = true;
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -106,6 +189,7 @@ pub(super) struct Inbound {
     budget: BudgetShare,
     holding: bool,
     blocked_sent: bool,
+    ahead: ReadAhead,
 }
 
 struct AmqpIdentity<'a>(&'a ContentHeader<'a>);
@@ -194,6 +278,12 @@ impl Inbound {
             budget,
             holding: false,
             blocked_sent: false,
+            ahead: ReadAhead {
+                reserved: 0,
+                last: Instant::now(),
+                eof: false,
+                full: false,
+            },
         }
     }
 
@@ -279,10 +369,67 @@ impl Inbound {
         Ok(())
     }
 
+    /// Write everything queued for the upstream, reading the client ahead meanwhile if the
+    /// upstream is slow to take it (see [`READ_AHEAD_EVERY`]).
+    async fn flush_reading(&mut self) -> Result<(), SessionError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let flush = self.out.flush(&mut self.upstream);
+        tokio::pin!(flush);
+        loop {
+            let bounds = read_ahead_bounds(&self.rt, &self.stats, &self.buf, &mut self.ahead);
+            let (max, max_total) = bounds.unwrap_or_default();
+            tokio::select! {
+                biased;
+                r = &mut flush => {
+                    r?;
+                    break;
+                }
+                r = read_ahead(
+                    &mut self.client,
+                    &mut self.buf,
+                    &mut self.ahead,
+                    &mut self.budget,
+                    max,
+                    max_total,
+                ), if bounds.is_some() => r?,
+            }
+        }
+        self.last_upstream_write = Instant::now();
+        Ok(())
+    }
+
+    /// Give back the budget taken for reads ahead once the bytes they read are processed.
+    fn settle_read_ahead(&mut self) {
+        let done = self.ahead.reserved.saturating_sub(self.buf.len() as u64);
+        if done > 0 {
+            self.budget.release(done);
+            self.ahead.reserved -= done;
+        }
+    }
+
     async fn pump(&mut self) -> Result<Exit, SessionError> {
         loop {
             self.process_buffered().await?;
-            self.flush().await?;
+            let unprocessed = self.buf.len();
+            self.flush_reading().await?;
+            if self.buf.len() != unprocessed {
+                // Read ahead while the upstream was slow: process that first.
+                continue;
+            }
+            if self.ahead.eof {
+                return Ok(Exit::ClientEof);
+            }
+            self.settle_read_ahead();
+            self.ahead.full = false;
+            let paused = self.ahead.last.elapsed();
+            if paused > Duration::from_secs(1) {
+                debug!(
+                    paused_ms = paused.as_millis() as u64,
+                    "nothing read from the client for over a second (publishes waited)"
+                );
+            }
             if self.buf.capacity() - self.buf.len() < 8 * 1024 {
                 self.buf.reserve(64 * 1024);
             }
@@ -305,6 +452,7 @@ impl Inbound {
                     if r? == 0 {
                         return Ok(Exit::ClientEof);
                     }
+                    self.ahead.last = Instant::now();
                 }
             }
         }
@@ -934,7 +1082,7 @@ impl Inbound {
         held: Duration,
         active: &Active,
     ) -> Result<bool, SessionError> {
-        self.flush().await?;
+        self.flush_reading().await?;
         if !self.holding {
             self.holding = true;
             if let Some(p) = &self.producer {
@@ -955,16 +1103,30 @@ impl Inbound {
             } else {
                 (self.last_upstream_write + self.heartbeat / 2).min(deadline)
             };
+            self.settle_read_ahead();
+            let bounds = read_ahead_bounds(&self.rt, &self.stats, &self.buf, &mut self.ahead);
+            let (max, max_total) = bounds.unwrap_or_default();
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = self.shutdown.cancelled() => return Ok(true),
                 _ = self.conn_done.cancelled() => return Ok(true),
+                r = read_ahead(
+                    &mut self.client,
+                    &mut self.buf,
+                    &mut self.ahead,
+                    &mut self.budget,
+                    max,
+                    max_total,
+                ), if bounds.is_some() => {
+                    r?;
+                    continue;
+                }
             }
             if Instant::now() >= deadline {
                 return Ok(false);
             }
-            self.upstream.write_all(&Frame::heartbeat().raw).await?;
-            self.last_upstream_write = Instant::now();
+            self.out.push(&Frame::heartbeat().raw);
+            self.flush_reading().await?;
         }
     }
 
