@@ -2,6 +2,7 @@
 //! whose content does not fit waits before its body is read (its connection's reads pause:
 //! backpressure, not an error) until other connections free enough, and is counted in
 //! `sluice_limit_hits_total{limit="max_buffered_total"}`; `sluice_buffered_bytes` shows the total.
+//! `[limits] max_read_ahead`: how far a paced connection is read ahead of its waiting publishes.
 
 use anyhow::{ensure, Context, Result};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -250,6 +251,88 @@ async fn publishes_interleaved_on_one_connection_never_wait_for_each_other() -> 
         broker.settled_depth(&q).await? == 2,
         "not both in the broker"
     );
+    s.stop().await;
+    Ok(())
+}
+
+/// A producer paced far below what it writes is still read, ahead of its waiting publishes, so
+/// that its TCP receive window keeps opening (a client with a short `TCP_USER_TIMEOUT` would
+/// otherwise abort its socket), but only up to `[limits] max_read_ahead`: the bytes it holds are
+/// in `sluice_buffered_bytes`, the stop is counted, and every publish lands, in order.
+#[tokio::test]
+async fn a_paced_producer_is_read_ahead_up_to_max_read_ahead_and_loses_nothing() -> Result<()> {
+    const AHEAD: u64 = 512 * KIB;
+    const N: u32 = 48;
+    const SIZE: usize = 32 * 1024;
+    let s = Sluice::start(&format!(
+        r#"
+[limits]
+max_read_ahead = "{AHEAD}B"
+
+[[quota]]
+name = "paced"
+match = {{ producer = "read-ahead-*" }}
+messages = "8/s"
+burst = 1
+on_exceed = {{ delay = "60s" }}
+"#
+    ))
+    .await?;
+    let broker = Broker::connect().await?;
+    let q = unique("read-ahead");
+    let _g = Queues::new([q.clone()]);
+    broker.queue(&q).await?;
+
+    // 48 publishes of 32 KiB (1.5 MiB) written as fast as the socket takes them, no confirms:
+    // paced to 8/s (256 KiB/s), slower than sluice reads a waiting connection ahead.
+    let mut c = RawAmqp::open(RawAmqp::addr_of(&s.url)?, &unique("read-ahead")).await?;
+    c.open_channel(1).await?;
+    let queue = q.clone();
+    let writer = tokio::spawn(async move {
+        for i in 0..N {
+            let mut body = vec![0u8; SIZE];
+            body[..4].copy_from_slice(&i.to_be_bytes());
+            c.send(&wire::publish(1, &queue, &body)).await?;
+        }
+        anyhow::Ok(c)
+    });
+
+    // At 8/s the publishes take 6 s to go through; sample what sluice holds meanwhile.
+    let mut peak = 0.0f64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while broker.depth(&q).await? < N && Instant::now() < deadline {
+        peak = peak.max(s.metric("sluice_buffered_bytes", &[]).await?);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut c = writer.await??;
+    let hits = s
+        .metric("sluice_limit_hits_total", &["limit=\"max_read_ahead\""])
+        .await?;
+    eprintln!("read ahead: peak {peak:.0} B buffered (max_read_ahead {AHEAD}), {hits} stops");
+    // Read ahead: far more than the one publish being decided (32 KiB) ...
+    ensure!(
+        peak >= (AHEAD / 2) as f64,
+        "peak {peak} B buffered: the paced producer was not read ahead"
+    );
+    // ... and never past the bound (plus the publish being decided and one being assembled).
+    ensure!(
+        peak <= (AHEAD + 2 * (SIZE as u64 + KIB)) as f64,
+        "peak {peak} B buffered is past max_read_ahead = {AHEAD}"
+    );
+    ensure!(hits >= 1.0, "reaching max_read_ahead was not counted");
+    let bodies = broker.drain(&q).await?;
+    let seqs: Vec<u32> = bodies
+        .iter()
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    ensure!(
+        seqs == (0..N).collect::<Vec<_>>(),
+        "{} of {N} publishes in the queue, or out of order",
+        seqs.len()
+    );
+    c.send(&wire::method(0, 10, 50, &[0, 200, 0, 0, 0, 0, 0]))
+        .await
+        .context("connection.close")?;
     s.stop().await;
     Ok(())
 }
