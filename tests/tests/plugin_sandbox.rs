@@ -72,6 +72,36 @@ fn infinite_loop_is_stopped_within_its_budget_and_gets_the_fail_verdict() {
     assert_eq!(policy.stats().errors(ErrorKind::Timeout), 1);
 }
 
+/// The epoch ticker sleeps while no plugin code runs (an idle sidecar is not woken 1,000 times a
+/// second), and a call that starts while it sleeps wakes it: a loop is still stopped in time.
+#[test]
+fn the_ticker_sleeps_when_idle_and_a_loop_that_wakes_it_is_still_stopped() {
+    let engine = PluginEngine::new().expect("engine");
+    let mut s = settings("spin", FailMode::Closed);
+    s.time_budget = Duration::from_millis(20);
+    let policy = Policy::load(&engine, &plugin("hostile_spin"), s, &PluginShared::new())
+        .expect("plugin loads");
+    for round in 0..3 {
+        let idle_by = Instant::now() + Duration::from_secs(5);
+        while !engine.ticker_idle() {
+            assert!(
+                Instant::now() < idle_by,
+                "round {round}: the ticker never went idle"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let start = Instant::now();
+        let e = policy.evaluate(&routed("spin"));
+        let took = start.elapsed();
+        assert_eq!(e.error, Some(ErrorKind::Timeout), "round {round}: {e:?}");
+        assert!(
+            took < Duration::from_millis(250),
+            "round {round}: stopped late: {took:?}"
+        );
+    }
+    assert_eq!(policy.stats().errors(ErrorKind::Timeout), 3);
+}
+
 #[test]
 fn unbounded_allocation_hits_the_memory_cap() {
     let mut s = settings("hog", FailMode::Open);

@@ -293,6 +293,7 @@ impl Policy {
     }
 
     fn call_one(&self, slot: &mut Slot, msg: &dyn MessageFacts) -> wasmtime::Result<WitVerdict> {
+        let _running = self.engine.running();
         let store = &mut slot.store;
         store.set_epoch_deadline(self.settings.deadline_ticks(1));
         store.data_mut().limiter.hit = false;
@@ -309,6 +310,7 @@ impl Policy {
         slot: &mut Slot,
         msgs: &[&dyn MessageFacts],
     ) -> wasmtime::Result<Vec<WitVerdict>> {
+        let _running = self.engine.running();
         let store = &mut slot.store;
         store.set_epoch_deadline(self.settings.deadline_ticks(msgs.len()));
         store.data_mut().limiter.hit = false;
@@ -352,6 +354,7 @@ impl Policy {
         let mut store = Store::new(self.engine.engine(), data);
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(INIT_BUDGET.as_millis() as u64);
+        let _running = self.engine.running();
         let build = |store: &mut Store<HostState>| -> wasmtime::Result<_> {
             let instance = self.pre.instantiate(&mut *store)?;
             let init = instance.get_typed_func::<(String,), (Result<(), String>,)>(
