@@ -54,8 +54,9 @@ const BACKLOG_POLL: Duration = Duration::from_millis(5);
 /// aborts a socket whose peer's window stays shut longer than its `TCP_USER_TIMEOUT` (py-amqp,
 /// Celery's AMQP client, sets 1 s), even though every zero-window probe is answered. A read
 /// reopens the window only once it frees a whole segment (64 KiB on loopback, where a sidecar's
-/// clients are) plus the kernel's per-buffer overhead: reads of 128 KiB every 200 ms kept such a
-/// client connected in every trial; 64 KiB, or every 400 ms, did not.
+/// clients are) plus the kernel's per-buffer overhead. In trials (`benches/drill/zero_window.py`)
+/// 128 KiB every 250 ms kept such a client connected every time; 16 KiB every 250 ms never did,
+/// and 64-96 KiB every 400 ms or 256 KiB every 800 ms did only some of the time.
 const READ_AHEAD_EVERY: Duration = Duration::from_millis(200);
 const READ_AHEAD_CHUNK: u64 = 128 * 1024;
 
