@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -117,6 +118,7 @@ config = {{ limits = [{{ match = "reports.*", rate = "1/min burst {burst}" }}], 
 
 WORKER_MODULE = """
 import os
+import socket
 import redis
 from celery import Celery
 
@@ -222,3 +224,67 @@ def test_celery_on_redis_shed_send_task_raises_in_the_producer(sluice, rdb, name
     assert sent == 2, f"two within the burst, got {sent}"
     assert len(raised) == 4 and all("SLUICE shed" in str(e) for e in raised), raised
     assert rdb.llen(queue) == 3, "2 rebuilds and the login audit are queued; no shed task is"
+
+
+def paced_pipeline(sluice, rdb, names, tag: str, limits: str) -> dict:
+    """A redis-py client that, like py-amqp, sets ``TCP_USER_TIMEOUT`` = 1 s writes a pipeline of
+    2,200 RPUSHes of 2 KB (it writes every command before it reads a reply) through a sluice that
+    paces it to 75 pushes/s."""
+    producer = names.producer(f"redis-paced-{tag}")
+    key = names.queue(f"redis-paced-{tag}")
+    rdb.track(key)
+    s = sluice(
+        f"""
+{limits}
+[[quota]]
+name = "paced"
+match = {{ producer = "redis-paced-*" }}
+messages = "75/s"
+burst = 10
+on_exceed = {{ delay = "60s" }}
+""",
+        redis=True,
+    )
+    n = 2200
+    client = redis.Redis(
+        host="127.0.0.1",
+        port=s.redis_port,
+        client_name=producer,
+        socket_keepalive=True,
+        socket_keepalive_options={socket.TCP_USER_TIMEOUT: 1000},
+        socket_timeout=120,
+    )
+    error = None
+    try:
+        pipe = client.pipeline(transaction=False)
+        for i in range(n):
+            pipe.rpush(key, f"{i:06d}".encode() + b"v" * 2000)
+        replies = pipe.execute()
+        ok = sum(1 for r in replies if isinstance(r, int))
+    except redis.exceptions.RedisError as e:
+        error, ok = repr(e), 0
+    finally:
+        client.close()
+    return {
+        "error": error,
+        "ok_replies": ok,
+        "in_redis": rdb.llen(key),
+        "verdicts": s.messages_by_verdict(producer),
+    }
+
+
+def test_a_paced_redis_client_with_a_short_user_timeout_keeps_its_connection(sluice, rdb, names):
+    """The Redis listener paces a producer the same way as the AMQP one (by reading it no faster
+    than its quota) and reads it ahead the same way (``max_read_ahead``), so a client whose socket
+    has a 1 s ``TCP_USER_TIMEOUT`` is not aborted by its own kernel while it waits. Control:
+    with read-ahead off, the pipeline fails with a connection error and most pushes never land."""
+    control = paced_pipeline(sluice, rdb, names, "control", '[limits]\nmax_read_ahead = "0"')
+    print(f"read-ahead off: {control}")
+    assert control["error"] and control["in_redis"] < 2200, (
+        f"the control did not reproduce the abort (kernel without zero-window user timeouts?): {control}"
+    )
+    paced = paced_pipeline(sluice, rdb, names, "paced", "")
+    print(f"read-ahead on (default): {paced}")
+    assert paced["error"] is None, paced
+    assert paced["ok_replies"] == paced["in_redis"] == 2200, paced
+    assert paced["verdicts"].get("delay", 0) > 0, f"nothing was paced: {paced}"

@@ -5,6 +5,7 @@
 use super::channel::{ChannelState, ConfirmMap, SluiceClose};
 use super::facts::AmqpMessage;
 use super::io::OutQueue;
+use super::read_ahead::{read_ahead, read_ahead_bounds, ReadAhead};
 use super::{SessionError, Shared, ToClient};
 use crate::admin::metrics::Limit;
 use crate::admin::{ListenerStats, ProducerStats};
@@ -17,7 +18,7 @@ use crate::protocol::amqp::method::{self, MethodId, Publish, Tune};
 use crate::protocol::amqp::{code, reply, FrameError};
 use crate::runtime::{Active, BudgetShare, Runtime};
 use crate::tls::{ReadHalf as OwnedReadHalf, WriteHalf as OwnedWriteHalf};
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,90 +49,6 @@ const SHED_CLOSE: &str = "sluice: closing the channel after a shed publish";
 
 /// How often a connection whose answers back up re-checks whether its client has read them.
 const BACKLOG_POLL: Duration = Duration::from_millis(5);
-
-/// While a connection's publishes wait, sluice still reads it this often, this much at a time
-/// (up to `max_read_ahead`). Not reading lets the client's TCP receive window shut, and Linux
-/// aborts a socket whose peer's window stays shut longer than its `TCP_USER_TIMEOUT` (py-amqp,
-/// Celery's AMQP client, sets 1 s), even though every zero-window probe is answered. A read
-/// reopens the window only once it frees a whole segment (64 KiB on loopback, where a sidecar's
-/// clients are) plus the kernel's per-buffer overhead. In trials (`benches/drill/zero_window.py`)
-/// 128 KiB every 250 ms kept such a client connected every time; 16 KiB every 250 ms never did,
-/// and 64-96 KiB every 400 ms or 256 KiB every 800 ms did only some of the time.
-const READ_AHEAD_EVERY: Duration = Duration::from_millis(200);
-const READ_AHEAD_CHUNK: u64 = 128 * 1024;
-
-/// Reads made while the connection's publishes wait.
-struct ReadAhead {
-    /// Bytes of the process-wide budget taken for them; given back once the pump has processed
-    /// what they read.
-    reserved: u64,
-    /// The last read of the client's socket, paused or not.
-    last: Instant,
-    /// The client closed its side (seen by one of these reads).
-    eof: bool,
-    /// `max_read_ahead` was reached during this wait (counted once per wait).
-    full: bool,
-}
-
-/// Whether to read ahead now, and if so under which bounds (`max_read_ahead`,
-/// `max_buffered_total`). Counts the first time in a wait that `max_read_ahead` stops it.
-fn read_ahead_bounds(
-    rt: &Runtime,
-    stats: &ListenerStats,
-    buf: &BytesMut,
-    ahead: &mut ReadAhead,
-) -> Option<(u64, u64)> {
-    if ahead.eof {
-        return None;
-    }
-    let active = rt.active();
-    let limits = &active.config.limits;
-    if limits.max_read_ahead == 0 {
-        return None;
-    }
-    // A smaller read would not reopen the window (see READ_AHEAD_EVERY): wait for room for a
-    // whole one.
-    if buf.len() as u64 + READ_AHEAD_CHUNK > limits.max_read_ahead {
-        if !ahead.full {
-            ahead.full = true;
-            stats.limit_hit(Limit::MaxReadAhead);
-            debug!(
-                max_read_ahead = limits.max_read_ahead,
-                "publishes wait and max_read_ahead is read ahead: reads stop until they move"
-            );
-        }
-        return None;
-    }
-    Some((limits.max_read_ahead, limits.max_buffered_total))
-}
-
-/// One read of a client whose publishes wait: no sooner than [`READ_AHEAD_EVERY`] after the
-/// last read, at most [`READ_AHEAD_CHUNK`] and never past `max` unprocessed bytes, and only with
-/// room in the process-wide budget. Cancel-safe: it reads nothing unless it completes.
-async fn read_ahead(
-    client: &mut OwnedReadHalf,
-    buf: &mut BytesMut,
-    ahead: &mut ReadAhead,
-    budget: &mut BudgetShare,
-    max: u64,
-    max_total: u64,
-) -> Result<(), SessionError> {
-    tokio::time::sleep_until(ahead.last + READ_AHEAD_EVERY).await;
-    let n = READ_AHEAD_CHUNK.min(max.saturating_sub(buf.len() as u64));
-    if n == 0 || !budget.try_take(n, max_total) {
-        // Full, or no room anywhere: try again a period later.
-        ahead.last = Instant::now();
-        return Ok(());
-    }
-    ahead.reserved += n;
-    buf.reserve(n as usize);
-    let got = client.read_buf(&mut (&mut *buf).limit(n as usize)).await?;
-    ahead.last = Instant::now();
-    if got == 0 {
-        ahead.eof = true;
-    }
-    Ok(())
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -279,12 +196,7 @@ impl Inbound {
             budget,
             holding: false,
             blocked_sent: false,
-            ahead: ReadAhead {
-                reserved: 0,
-                last: Instant::now(),
-                eof: false,
-                full: false,
-            },
+            ahead: ReadAhead::new(),
         }
     }
 
@@ -371,7 +283,7 @@ impl Inbound {
     }
 
     /// Write everything queued for the upstream, reading the client ahead meanwhile if the
-    /// upstream is slow to take it (see [`READ_AHEAD_EVERY`]).
+    /// upstream is slow to take it (see [`super::read_ahead`]).
     async fn flush_reading(&mut self) -> Result<(), SessionError> {
         if self.out.is_empty() {
             return Ok(());
@@ -401,15 +313,6 @@ impl Inbound {
         Ok(())
     }
 
-    /// Give back the budget taken for reads ahead once the bytes they read are processed.
-    fn settle_read_ahead(&mut self) {
-        let done = self.ahead.reserved.saturating_sub(self.buf.len() as u64);
-        if done > 0 {
-            self.budget.release(done);
-            self.ahead.reserved -= done;
-        }
-    }
-
     async fn pump(&mut self) -> Result<Exit, SessionError> {
         loop {
             self.process_buffered().await?;
@@ -422,8 +325,7 @@ impl Inbound {
             if self.ahead.eof {
                 return Ok(Exit::ClientEof);
             }
-            self.settle_read_ahead();
-            self.ahead.full = false;
+            self.ahead.resume(&self.buf, &mut self.budget);
             let paused = self.ahead.last.elapsed();
             if paused > Duration::from_secs(1) {
                 debug!(
@@ -1104,7 +1006,7 @@ impl Inbound {
             } else {
                 (self.last_upstream_write + self.heartbeat / 2).min(deadline)
             };
-            self.settle_read_ahead();
+            self.ahead.settle(&self.buf, &mut self.budget);
             let bounds = read_ahead_bounds(&self.rt, &self.stats, &self.buf, &mut self.ahead);
             let (max, max_total) = bounds.unwrap_or_default();
             tokio::select! {

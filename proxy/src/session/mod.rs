@@ -25,6 +25,7 @@ mod facts;
 mod inbound;
 pub mod io;
 mod outbound;
+mod read_ahead;
 pub mod redis;
 
 use crate::protocol::amqp::frame::Frame;

@@ -13,8 +13,9 @@ use crate::protocol::redis::resp::{
     encode_command, error_reply, simple_reply, Command, CommandLimits, CommandSplitter,
 };
 use crate::protocol::redis::{PublishKind, RespError};
-use crate::runtime::{Active, Runtime};
+use crate::runtime::{Active, BudgetShare, Runtime};
 use crate::session::io::OutQueue;
+use crate::session::read_ahead::{read_ahead, read_ahead_bounds, ReadAhead};
 use crate::tls::{ReadHalf, WriteHalf};
 use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
@@ -83,6 +84,10 @@ pub(super) struct Inbound {
     holding: bool,
     /// Slots of commands queued in `out`, handed to the reply queue before `out` is written.
     slots: Vec<Slot>,
+    /// Reads made while a push waits (see [`crate::session::read_ahead`]), and their share of
+    /// `max_buffered_total`.
+    ahead: ReadAhead,
+    budget: BudgetShare,
 }
 
 impl Inbound {
@@ -100,6 +105,7 @@ impl Inbound {
             vhost: Some("0".into()),
             ..ConnFacts::default()
         };
+        let budget = BudgetShare::new(rt.buffered.clone());
         Inbound {
             rt,
             listener,
@@ -118,6 +124,8 @@ impl Inbound {
             tx: None,
             holding: false,
             slots: Vec::new(),
+            ahead: ReadAhead::new(),
+            budget,
         }
     }
 
@@ -172,6 +180,10 @@ impl Inbound {
             if let Some(stop) = self.process_buffered().await? {
                 return Ok(stop);
             }
+            if self.ahead.eof {
+                return Ok(Stop::ClientEof);
+            }
+            self.ahead.resume(&self.buf, &mut self.budget);
             self.flush().await?;
             if self.buf.capacity() - self.buf.len() < 8 * 1024 {
                 self.buf.reserve(64 * 1024);
@@ -191,6 +203,7 @@ impl Inbound {
                     if r? == 0 {
                         return Ok(Stop::ClientEof);
                     }
+                    self.ahead.last = Instant::now();
                 }
             }
         }
@@ -684,8 +697,9 @@ impl Inbound {
         }
     }
 
-    /// Hold this connection's reads for `d`. Returns `true` if shutdown or the end of the
-    /// connection interrupted the hold.
+    /// Hold this connection's commands for `d`, still reading the client ahead now and then so
+    /// its TCP window keeps opening. Returns `true` if shutdown or the end of the connection
+    /// interrupted the hold.
     async fn hold(&mut self, d: Duration) -> bool {
         if self.flush().await.is_err() {
             return true;
@@ -696,10 +710,30 @@ impl Inbound {
                 p.held.fetch_add(1, Relaxed);
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(d) => false,
-            _ = self.rt.shutdown.cancelled() => true,
-            _ = self.shared.done.cancelled() => true,
+        let deadline = Instant::now() + d;
+        loop {
+            self.ahead.settle(&self.buf, &mut self.budget);
+            let bounds = read_ahead_bounds(&self.rt, &self.stats, &self.buf, &mut self.ahead);
+            let (max, max_total) = bounds.unwrap_or_default();
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return false,
+                _ = self.rt.shutdown.cancelled() => return true,
+                _ = self.shared.done.cancelled() => return true,
+                r = read_ahead(
+                    &mut self.client,
+                    &mut self.buf,
+                    &mut self.ahead,
+                    &mut self.budget,
+                    max,
+                    max_total,
+                ), if bounds.is_some() => {
+                    if let Err(e) = r {
+                        // The pump ends the session once what was read is processed.
+                        trace!(error = %e, "client read failed during a hold");
+                        self.ahead.eof = true;
+                    }
+                }
+            }
         }
     }
 
