@@ -173,13 +173,11 @@ def test_unconfirmed_celery_paced_below_its_window_rate_keeps_its_connection(slu
     stays shut that long, even though the window probes are answered. Paced at 75 tasks/s
     (~165 KB/s), sluice would read a 64 KiB buffer only every ~0.4 s, too little to reopen a
     loopback window; it reads the paced connection ahead instead (``max_read_ahead``), so the
-    connection lives and every task lands. The control, with read-ahead off, shows the loss: the
-    socket is aborted, kombu reconnects without a word, and what the old socket held is gone."""
-    control = unconfirmed_flood(sluice, broker, names, "control", '[limits]\nmax_read_ahead = "0"')
-    print(f"read-ahead off: {control}")
-    assert control["connections"] >= 2 and control["in_queue"] < control["sent"], (
-        f"the control did not reproduce the abort (kernel without zero-window user timeouts?): {control}"
-    )
+    connection lives and every task lands. With ``max_read_ahead = "0"`` the socket was aborted
+    in most runs (kombu reconnects without a word; 413-1,267 of 2,200 tasks landed), but not in
+    every one: Celery's own pace varies, so that control lives in the Redis test
+    (``test_a_paced_redis_client_with_a_short_user_timeout_keeps_its_connection``), where a
+    pipeline writes without pause and the abort reproduced in every run here."""
     paced = unconfirmed_flood(sluice, broker, names, "paced", "")
     print(f"read-ahead on (default): {paced}")
     assert paced["connections"] == 1, f"Celery reconnected: {paced}"
