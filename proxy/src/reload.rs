@@ -330,35 +330,45 @@ fn plugins_changed(active: &crate::runtime::Active) -> bool {
     })
 }
 
+/// A watched file's modification time and length (`None`: it cannot be read).
+pub type FileStamp = (SystemTime, u64);
+
+/// The stamp of one file now.
+pub fn stamp_file(f: &Path) -> Option<FileStamp> {
+    let m = std::fs::metadata(f).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// The stamps of the config file (first) and of every plugin file it names.
+pub fn stamps(rt: &Runtime, path: &Path) -> Vec<(PathBuf, Option<FileStamp>)> {
+    let mut files = vec![path.to_path_buf()];
+    files.extend(rt.active().config.policies.iter().map(|p| p.plugin.clone()));
+    files
+        .into_iter()
+        .map(|f| {
+            let s = stamp_file(&f);
+            (f, s)
+        })
+        .collect()
+}
+
 /// Watch the config file and every plugin file it names; request a reload when one changes
-/// (debounced: a change is acted on once the files have been still for `settle`).
+/// (debounced: a change is acted on once the files have been still for `settle`). `seen` are the
+/// stamps of the files the running config was loaded from, taken before they were read.
 pub async fn watch(
     rt: Arc<Runtime>,
     path: PathBuf,
     handle: Handle,
     every: Duration,
     settle: Duration,
+    mut seen: Vec<(PathBuf, Option<FileStamp>)>,
 ) {
-    let stamp = |rt: &Runtime| -> Vec<(PathBuf, Option<(SystemTime, u64)>)> {
-        let mut files = vec![path.clone()];
-        files.extend(rt.active().config.policies.iter().map(|p| p.plugin.clone()));
-        files
-            .into_iter()
-            .map(|f| {
-                let m = std::fs::metadata(&f)
-                    .ok()
-                    .and_then(|m| Some((m.modified().ok()?, m.len())));
-                (f, m)
-            })
-            .collect()
-    };
-    let mut seen = stamp(&rt);
     loop {
         tokio::select! {
             _ = rt.shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let now = stamp(&rt);
+        let now = stamps(&rt, &path);
         if now == seen {
             continue;
         }
@@ -366,7 +376,7 @@ pub async fn watch(
         let mut last = now;
         loop {
             tokio::time::sleep(settle).await;
-            let again = stamp(&rt);
+            let again = stamps(&rt, &path);
             if again == last {
                 break;
             }
@@ -374,6 +384,6 @@ pub async fn watch(
         }
         info!(file = %path.display(), "config or plugin file changed: reloading");
         let _ = handle.reload(Trigger::FileWatch).await;
-        seen = stamp(&rt);
+        seen = stamps(&rt, &path);
     }
 }

@@ -31,6 +31,9 @@ impl Server {
     /// reload on `SIGHUP`-style requests ([`Server::reload`]), `POST /v1/reload` and changes of
     /// the file or its plugins.
     pub async fn start_file(path: &Path) -> Result<Server, String> {
+        // Stamped before it is read: a change made while sluice starts is then seen by the
+        // watcher, however late its task first runs.
+        let loaded = reload::stamp_file(path);
         let cfg = config::load(path).map_err(|r| format!("invalid config:\n{r}"))?;
         let targets = config::targets::check_divert_targets(&cfg).await;
         for w in &targets.skipped {
@@ -43,10 +46,13 @@ impl Server {
             };
             return Err(format!("invalid config:\n{report}"));
         }
-        Self::start_inner(cfg, Some(path.to_path_buf())).await
+        Self::start_inner(cfg, Some((path.to_path_buf(), loaded))).await
     }
 
-    async fn start_inner(config: Config, path: Option<PathBuf>) -> Result<Server, String> {
+    async fn start_inner(
+        config: Config,
+        path: Option<(PathBuf, Option<reload::FileStamp>)>,
+    ) -> Result<Server, String> {
         let admin_addr = config.admin.listen;
         // Compiling plugins blocks: keep it off the async workers.
         let rt = tokio::task::spawn_blocking(move || Runtime::new(config))
@@ -60,7 +66,11 @@ impl Server {
         let admin = admin_sock.local_addr().map_err(|e| e.to_string())?;
         let listeners = bound.addrs();
         let mut tasks = Vec::new();
-        if let Some(path) = path {
+        if let Some((path, loaded)) = path {
+            let mut seen = reload::stamps(&rt, &path);
+            if let Some(first) = seen.first_mut() {
+                first.1 = loaded;
+            }
             let handle = reload::spawn(rt.clone(), path.clone(), bound);
             let _ = rt.reload.set(handle.clone());
             tasks.push(tokio::spawn(reload::watch(
@@ -69,6 +79,7 @@ impl Server {
                 handle,
                 Duration::from_millis(500),
                 Duration::from_millis(200),
+                seen,
             )));
         } else {
             // No file to reload from: the accept loops run until shutdown.

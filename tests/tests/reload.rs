@@ -396,6 +396,32 @@ async fn a_changed_file_is_picked_up_by_the_watcher_within_a_second() -> Result<
     Ok(())
 }
 
+/// A change written while sluice starts (after it read the file, before its watcher first
+/// looked) is applied: the watcher compares against the file as it was read, not as it first
+/// sees it.
+#[tokio::test]
+async fn a_change_made_while_sluice_starts_is_not_missed() -> Result<()> {
+    let cfg = ConfigFile::new(&quota("100/s"))?;
+    let s = Sluice::start_file(&cfg.path).await?;
+    // Nothing has yielded since the server started: on this single-threaded test runtime its
+    // watcher task has not run yet.
+    cfg.write(&quota("2500/s"))?;
+    let t = Instant::now();
+    loop {
+        let (_, body) = sluice_tests::http_auth(s.admin, "GET", "/v1/config", Some(TOKEN)).await?;
+        if body.contains("2500") {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "a change made during start-up was never applied: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.stop().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn dry_run_would_shed_matches_what_enforce_sheds_on_the_same_flood() -> Result<()> {
     let broker = Broker::connect().await?;
