@@ -5,7 +5,7 @@
 use super::channel::{ChannelState, ConfirmMap, SluiceClose};
 use super::facts::AmqpMessage;
 use super::io::OutQueue;
-use super::read_ahead::{read_ahead, read_ahead_bounds, ReadAhead};
+use super::read_ahead::ReadAhead;
 use super::{SessionError, Shared, ToClient};
 use crate::admin::metrics::Limit;
 use crate::admin::{ListenerStats, ProducerStats};
@@ -291,22 +291,19 @@ impl Inbound {
         let flush = self.out.flush(&mut self.upstream);
         tokio::pin!(flush);
         loop {
-            let bounds = read_ahead_bounds(&self.rt, &self.stats, &self.buf, &mut self.ahead);
-            let (max, max_total) = bounds.unwrap_or_default();
             tokio::select! {
                 biased;
                 r = &mut flush => {
                     r?;
                     break;
                 }
-                r = read_ahead(
+                r = self.ahead.read(
+                    &self.rt,
+                    &self.stats,
                     &mut self.client,
                     &mut self.buf,
-                    &mut self.ahead,
                     &mut self.budget,
-                    max,
-                    max_total,
-                ), if bounds.is_some() => r?,
+                ) => r?,
             }
         }
         self.last_upstream_write = Instant::now();
@@ -326,13 +323,6 @@ impl Inbound {
                 return Ok(Exit::ClientEof);
             }
             self.ahead.resume(&self.buf, &mut self.budget);
-            let paused = self.ahead.last.elapsed();
-            if paused > Duration::from_secs(1) {
-                debug!(
-                    paused_ms = paused.as_millis() as u64,
-                    "nothing read from the client for over a second (publishes waited)"
-                );
-            }
             if self.buf.capacity() - self.buf.len() < 8 * 1024 {
                 self.buf.reserve(64 * 1024);
             }
@@ -1006,21 +996,17 @@ impl Inbound {
             } else {
                 (self.last_upstream_write + self.heartbeat / 2).min(deadline)
             };
-            self.ahead.settle(&self.buf, &mut self.budget);
-            let bounds = read_ahead_bounds(&self.rt, &self.stats, &self.buf, &mut self.ahead);
-            let (max, max_total) = bounds.unwrap_or_default();
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = self.shutdown.cancelled() => return Ok(true),
                 _ = self.conn_done.cancelled() => return Ok(true),
-                r = read_ahead(
+                r = self.ahead.read(
+                    &self.rt,
+                    &self.stats,
                     &mut self.client,
                     &mut self.buf,
-                    &mut self.ahead,
                     &mut self.budget,
-                    max,
-                    max_total,
-                ), if bounds.is_some() => {
+                ) => {
                     r?;
                     continue;
                 }

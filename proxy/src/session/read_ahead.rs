@@ -47,7 +47,7 @@ impl ReadAhead {
 
     /// Give back the budget taken for reads ahead whose bytes were processed: what is left
     /// unprocessed in `buf` is all they can still account for.
-    pub(crate) fn settle(&mut self, buf: &BytesMut, budget: &mut BudgetShare) {
+    fn settle(&mut self, buf: &BytesMut, budget: &mut BudgetShare) {
         let done = self.reserved.saturating_sub(buf.len() as u64);
         if done > 0 {
             budget.release(done);
@@ -60,64 +60,71 @@ impl ReadAhead {
         self.settle(buf, budget);
         self.full = false;
     }
-}
 
-/// Whether to read ahead now, and if so under which bounds (`max_read_ahead`,
-/// `max_buffered_total`). Counts the first time in a wait that `max_read_ahead` stops it.
-pub(crate) fn read_ahead_bounds(
-    rt: &Runtime,
-    stats: &ListenerStats,
-    buf: &BytesMut,
-    ahead: &mut ReadAhead,
-) -> Option<(u64, u64)> {
-    if ahead.eof {
-        return None;
-    }
-    let active = rt.active();
-    let limits = &active.config.limits;
-    if limits.max_read_ahead == 0 {
-        return None;
-    }
-    // A smaller read would not reopen the window (see READ_AHEAD_EVERY): wait for room for a
-    // whole one.
-    if buf.len() as u64 + READ_AHEAD_CHUNK > limits.max_read_ahead {
-        if !ahead.full {
-            ahead.full = true;
-            stats.limit_hit(Limit::MaxReadAhead);
-            debug!(
-                max_read_ahead = limits.max_read_ahead,
-                "publishes wait and max_read_ahead is read ahead: reads stop until they move"
-            );
+    /// One read of a client whose publishes wait, after giving back what was processed: no
+    /// sooner than [`READ_AHEAD_EVERY`] after the last read, at most [`READ_AHEAD_CHUNK`] and
+    /// never past `max_read_ahead` unprocessed bytes, and only with room in the process-wide
+    /// budget. Never completes while no read is allowed (the client closed, `max_read_ahead` is
+    /// 0 or reached), so it fits as a `select!` branch beside whatever the connection waits for.
+    /// Cancel-safe: it reads nothing unless it completes.
+    pub(crate) async fn read<R: AsyncRead + Unpin>(
+        &mut self,
+        rt: &Runtime,
+        stats: &ListenerStats,
+        client: &mut R,
+        buf: &mut BytesMut,
+        budget: &mut BudgetShare,
+    ) -> std::io::Result<()> {
+        self.settle(buf, budget);
+        let Some((max, max_total)) = self.bounds(rt, stats, buf) else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep_until(self.last + READ_AHEAD_EVERY).await;
+        let n = READ_AHEAD_CHUNK.min(max.saturating_sub(buf.len() as u64));
+        if n == 0 || !budget.try_take(n, max_total) {
+            // Full, or no room anywhere: try again a period later.
+            self.last = Instant::now();
+            return Ok(());
         }
-        return None;
+        self.reserved += n;
+        buf.reserve(n as usize);
+        let got = client.read_buf(&mut (&mut *buf).limit(n as usize)).await?;
+        self.last = Instant::now();
+        if got == 0 {
+            self.eof = true;
+        }
+        Ok(())
     }
-    Some((limits.max_read_ahead, limits.max_buffered_total))
-}
 
-/// One read of a client whose publishes wait: no sooner than [`READ_AHEAD_EVERY`] after the
-/// last read, at most [`READ_AHEAD_CHUNK`] and never past `max` unprocessed bytes, and only with
-/// room in the process-wide budget. Cancel-safe: it reads nothing unless it completes.
-pub(crate) async fn read_ahead<R: AsyncRead + Unpin>(
-    client: &mut R,
-    buf: &mut BytesMut,
-    ahead: &mut ReadAhead,
-    budget: &mut BudgetShare,
-    max: u64,
-    max_total: u64,
-) -> std::io::Result<()> {
-    tokio::time::sleep_until(ahead.last + READ_AHEAD_EVERY).await;
-    let n = READ_AHEAD_CHUNK.min(max.saturating_sub(buf.len() as u64));
-    if n == 0 || !budget.try_take(n, max_total) {
-        // Full, or no room anywhere: try again a period later.
-        ahead.last = Instant::now();
-        return Ok(());
+    /// Whether to read ahead now, and if so under which bounds (`max_read_ahead`,
+    /// `max_buffered_total`). Counts the first time in a wait that `max_read_ahead` stops it.
+    fn bounds(
+        &mut self,
+        rt: &Runtime,
+        stats: &ListenerStats,
+        buf: &BytesMut,
+    ) -> Option<(u64, u64)> {
+        if self.eof {
+            return None;
+        }
+        let active = rt.active();
+        let limits = &active.config.limits;
+        if limits.max_read_ahead == 0 {
+            return None;
+        }
+        // A smaller read would not reopen the window (see READ_AHEAD_EVERY): wait for room for
+        // a whole one.
+        if buf.len() as u64 + READ_AHEAD_CHUNK > limits.max_read_ahead {
+            if !self.full {
+                self.full = true;
+                stats.limit_hit(Limit::MaxReadAhead);
+                debug!(
+                    max_read_ahead = limits.max_read_ahead,
+                    "publishes wait and max_read_ahead is read ahead: reads stop until they move"
+                );
+            }
+            return None;
+        }
+        Some((limits.max_read_ahead, limits.max_buffered_total))
     }
-    ahead.reserved += n;
-    buf.reserve(n as usize);
-    let got = client.read_buf(&mut (&mut *buf).limit(n as usize)).await?;
-    ahead.last = Instant::now();
-    if got == 0 {
-        ahead.eof = true;
-    }
-    Ok(())
 }

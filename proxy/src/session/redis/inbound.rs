@@ -15,7 +15,7 @@ use crate::protocol::redis::resp::{
 use crate::protocol::redis::{PublishKind, RespError};
 use crate::runtime::{Active, BudgetShare, Runtime};
 use crate::session::io::OutQueue;
-use crate::session::read_ahead::{read_ahead, read_ahead_bounds, ReadAhead};
+use crate::session::read_ahead::ReadAhead;
 use crate::tls::{ReadHalf, WriteHalf};
 use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
@@ -712,21 +712,17 @@ impl Inbound {
         }
         let deadline = Instant::now() + d;
         loop {
-            self.ahead.settle(&self.buf, &mut self.budget);
-            let bounds = read_ahead_bounds(&self.rt, &self.stats, &self.buf, &mut self.ahead);
-            let (max, max_total) = bounds.unwrap_or_default();
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return false,
                 _ = self.rt.shutdown.cancelled() => return true,
                 _ = self.shared.done.cancelled() => return true,
-                r = read_ahead(
+                r = self.ahead.read(
+                    &self.rt,
+                    &self.stats,
                     &mut self.client,
                     &mut self.buf,
-                    &mut self.ahead,
                     &mut self.budget,
-                    max,
-                    max_total,
-                ), if bounds.is_some() => {
+                ) => {
                     if let Err(e) = r {
                         // The pump ends the session once what was read is processed.
                         trace!(error = %e, "client read failed during a hold");
