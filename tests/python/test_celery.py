@@ -121,22 +121,21 @@ on_exceed = { delay = "5s", then = "shed" }
     assert verdicts.get("forward", 0) + verdicts.get("delay", 0) == n, verdicts
 
 
-def unconfirmed_flood(sluice, broker, names, tag: str, limits: str) -> dict:
+def unconfirmed_flood(sluice, broker, names) -> dict:
     """Celery with its defaults (no publisher confirms) sends ``n`` small tasks as fast as its
     socket takes them, through a sluice that paces the producer to 75 tasks/s; then waits until
     they are all in the queue or nothing more arrives."""
-    queue = broker.declare_queue(names.queue(f"celery-unconfirmed-{tag}"))
+    queue = broker.declare_queue(names.queue("celery-unconfirmed"))
     broker.track_exchange(queue)
-    producer = names.producer(f"celery-unconfirmed-{tag}")
+    producer = names.producer("celery-unconfirmed")
     s = sluice(
-        f"""
-{limits}
+        """
 [[quota]]
 name = "celery-paced"
-match = {{ producer = "celery-unconfirmed-*" }}
+match = { producer = "celery-unconfirmed-*" }
 messages = "75/s"
 burst = 10
-on_exceed = {{ delay = "60s" }}
+on_exceed = { delay = "60s" }
 """
     )
     n = 2200
@@ -178,7 +177,7 @@ def test_unconfirmed_celery_paced_below_its_window_rate_keeps_its_connection(slu
     every one: Celery's own pace varies, so that control lives in the Redis test
     (``test_a_paced_redis_client_with_a_short_user_timeout_keeps_its_connection``), where a
     pipeline writes without pause and the abort reproduced in every run here."""
-    paced = unconfirmed_flood(sluice, broker, names, "paced", "")
+    paced = unconfirmed_flood(sluice, broker, names)
     print(f"read-ahead on (default): {paced}")
     assert paced["connections"] == 1, f"Celery reconnected: {paced}"
     assert paced["in_queue"] == paced["sent"] == 2200, f"tasks lost: {paced}"
